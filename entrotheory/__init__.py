@@ -1,0 +1,32 @@
+"""entrotheory: the mathematics of policy entropy under policy-gradient updates.
+
+Pure tensor functions, no training loops and no I/O. See ``docs/theory.md``.
+"""
+
+from .core import (
+    RULES,
+    entropy,
+    entropy_change_contributions,
+    entropy_gradient,
+    exact_entropy_change,
+    expected_entropy_change,
+    logit_update,
+    predicted_entropy_change,
+    second_order_entropy_change,
+)
+from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats
+
+__all__ = [
+    "RULES",
+    "entropy",
+    "entropy_gradient",
+    "logit_update",
+    "predicted_entropy_change",
+    "entropy_change_contributions",
+    "expected_entropy_change",
+    "second_order_entropy_change",
+    "exact_entropy_change",
+    "TokenEntropyStats",
+    "token_entropy_stats",
+    "token_entropy_contributions",
+]

@@ -1,0 +1,148 @@
+"""Token-level entropy statistics for language models (docs/theory.md, section 3).
+
+A language model's response of length T is T states (prefixes), each with one sampled
+token. Under the *per-position tabular assumption* each position's logits move as a
+tabular softmax policy updated on its own single sample, so the first-order results of
+:mod:`entrotheory.core` apply position by position with N = 1.
+
+Memory strategy: :func:`token_entropy_stats` chunks over **positions**. Each chunk of
+``chunk_size`` rows of the ``[*, V]`` logits is upcast to float32 and reduced in one pass
+(one log-sum-exp, then three weighted sums), so peak extra memory is
+``O(chunk_size * V)`` float32 values instead of ``O(B * T * V)``. We chunk over positions
+rather than streaming over the vocabulary (an online log-sum-exp with rescaled running
+sums) because one row of even a 2^17-token vocabulary is only 512 KiB in float32: a
+whole row fits in cache-sized blocks, the vectorised ``log_softmax`` kernel is used as-is,
+and the statistics need no rescaling algebra. Streaming over V would only pay off for
+vocabularies far beyond 10^7.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .core import check_float_tensor, check_rule
+
+__all__ = ["TokenEntropyStats", "token_entropy_stats", "token_entropy_contributions"]
+
+#: default cap on float32 elements per chunk (2^24 elements = 64 MiB per temporary)
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+class TokenEntropyStats(NamedTuple):
+    """Per-position statistics, each ``[...]`` (the logits' leading shape), float32.
+
+    ``log_prob``: ``log pi(y_t)``; ``entropy``: ``H_t``;
+    ``pg_baseline``: ``sum_b pi_b^2 (log pi_b + H_t)``; ``mask``: bool, positions that count.
+    Masked-out positions hold zeros.
+    """
+
+    log_prob: Tensor
+    entropy: Tensor
+    pg_baseline: Tensor
+    mask: Tensor
+
+
+@torch.no_grad()
+def token_entropy_stats(
+    logits: Tensor, tokens: Tensor, mask: Tensor | None = None, chunk_size: int | None = None
+) -> TokenEntropyStats:
+    """Per-position ``(log pi(y_t), H_t, sum_b pi_b^2 (log pi_b + H_t))`` in one pass (eq. 3.1).
+
+    Parameters
+    ----------
+    logits : ``[..., V]`` float tensor (bfloat16 welcome; never copied whole to float32).
+        Detached internally: the statistics are diagnostics, not part of the loss graph.
+    tokens : ``[...]`` integer tensor, the token sampled at each position.
+    mask : optional ``[...]`` bool/0-1 tensor; only these positions are computed.
+    chunk_size : positions per chunk; default keeps each float32 temporary at
+        ``2^24`` elements (64 MiB).
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError("logits must be a floating torch.Tensor")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got {tuple(logits.shape)}")
+    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError("tokens must be an integer torch.Tensor")
+    lead = logits.shape[:-1]
+    if tokens.shape != lead:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape without V {tuple(lead)}")
+    if mask is None:
+        mask = torch.ones(lead, dtype=torch.bool, device=logits.device)
+    else:
+        if not isinstance(mask, Tensor) or mask.shape != lead:
+            raise ValueError(f"mask must be a tensor of shape {tuple(lead)}")
+        mask = mask.to(torch.bool)
+    vocab = logits.shape[-1]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    flat_logits = logits.detach().reshape(-1, vocab)
+    flat_tokens = tokens.reshape(-1)
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    if rows.numel() and (
+        bool((flat_tokens[rows] < 0).any()) or bool((flat_tokens[rows] >= vocab).any())
+    ):
+        raise ValueError(f"tokens out of range [0, {vocab}) at masked-in positions")
+    out = torch.zeros(3, flat_tokens.numel(), dtype=torch.float32, device=logits.device)
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start : start + chunk_size]
+        z = flat_logits.index_select(0, idx).float()
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("logits contain NaN/inf at masked-in positions")
+        logp = torch.log_softmax(z, dim=-1)
+        del z
+        p = logp.exp()
+        plogp = p * logp
+        neg_h = plogp.sum(-1)  # -H
+        q = (p * p).sum(-1)  # sum pi^2
+        m2 = (p * plogp).sum(-1)  # sum pi^2 log pi
+        h = -neg_h
+        out[0, idx] = logp.gather(-1, flat_tokens[idx].long().unsqueeze(-1)).squeeze(-1)
+        out[1, idx] = h
+        out[2, idx] = m2 + h * q
+    out = out.reshape(3, *lead)
+    return TokenEntropyStats(out[0], out[1], out[2], mask)
+
+
+def token_entropy_contributions(
+    stats: TokenEntropyStats, advantages: Tensor, mask: Tensor | None = None, rule: str = "pg"
+) -> Tensor:
+    """Per-token first-order entropy contributions per unit learning rate (eq. 3.2).
+
+    Each masked-in position is a tabular state updated on its own token with its advantage
+    (N = 1): npg ``c_t = -A_t (log pi(y_t) + H_t)``; pg
+    ``c_t = -A_t [pi(y_t)(log pi(y_t) + H_t) - sum_b pi_b^2 (log pi_b + H_t)]``. Thus
+    ``c_t = entropy_change_contributions(logits_t, y_t, A_t, rule)`` and the sum over tokens
+    equals the sum of the per-position predicted changes.
+
+    ``advantages`` is ``[...]`` per token or ``[B]`` per sequence (broadcast over positions).
+    Masked-out positions get 0. Returns float32 ``[...]``.
+    """
+    check_rule(rule)
+    if not isinstance(stats, TokenEntropyStats):
+        raise TypeError("stats must be the TokenEntropyStats returned by token_entropy_stats")
+    adv = check_float_tensor(advantages, "advantages")
+    lead = stats.entropy.shape
+    if adv.shape != lead:
+        if adv.ndim == 1 and len(lead) >= 1 and adv.shape[0] == lead[0]:
+            adv = adv.reshape(adv.shape[0], *([1] * (len(lead) - 1))).expand(lead)
+        else:
+            raise ValueError(
+                f"advantages shape {tuple(adv.shape)} must be per token {tuple(lead)} "
+                f"or per sequence ({lead[0] if lead else '?'},)"
+            )
+    m = stats.mask if mask is None else mask.to(torch.bool)
+    if m.shape != lead:
+        raise ValueError(f"mask shape {tuple(m.shape)} must equal {tuple(lead)}")
+    adv = adv.to(torch.float32)
+    centred_y = stats.log_prob + stats.entropy
+    if rule == "npg":
+        c = -adv * centred_y
+    else:
+        c = -adv * (stats.log_prob.exp() * centred_y - stats.pg_baseline)
+    return torch.where(m, c, torch.zeros_like(c))
