@@ -68,7 +68,8 @@ def token_entropy_stats(
         raise TypeError("tokens must be an integer torch.Tensor")
     lead = logits.shape[:-1]
     if tokens.shape != lead:
-        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape without V {tuple(lead)}")
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape without V "
+                         f"{tuple(lead)}")
     if mask is None:
         mask = torch.ones(lead, dtype=torch.bool, device=logits.device)
     else:
