@@ -90,9 +90,11 @@ def token_entropy_stats(
     ):
         raise ValueError(f"tokens out of range [0, {vocab}) at masked-in positions")
     out = torch.zeros(3, flat_tokens.numel(), dtype=torch.float32, device=logits.device)
+    dense = rows.numel() == flat_tokens.numel()  # all positions count: slice, don't gather
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        z = flat_logits.index_select(0, idx).float()
+        chunk = flat_logits[start : start + idx.numel()] if dense else flat_logits.index_select(0, idx)
+        z = chunk.float()
         if not bool(torch.isfinite(z).all()):
             raise ValueError("logits contain NaN/inf at masked-in positions")
         logp = torch.log_softmax(z, dim=-1)
