@@ -3,6 +3,7 @@
 Pure tensor functions, no training loops and no I/O. See ``docs/theory.md``.
 """
 
+from .advantages import ESTIMATORS, compute_advantages
 from .core import (
     RULES,
     entropy,
@@ -14,6 +15,9 @@ from .core import (
     predicted_entropy_change,
     second_order_entropy_change,
 )
+from .methods import METHODS, MethodPlan, make_method, masked_token_mean
+from .rejection import EntropyRejectionSampler, Selection
+from .schedules import Band, Schedule, parse_band, parse_schedule
 from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats
 
 __all__ = [
@@ -29,4 +33,16 @@ __all__ = [
     "TokenEntropyStats",
     "token_entropy_stats",
     "token_entropy_contributions",
+    "ESTIMATORS",
+    "compute_advantages",
+    "Schedule",
+    "Band",
+    "parse_schedule",
+    "parse_band",
+    "EntropyRejectionSampler",
+    "Selection",
+    "METHODS",
+    "MethodPlan",
+    "make_method",
+    "masked_token_mean",
 ]

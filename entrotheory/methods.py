@@ -1,0 +1,606 @@
+"""Entropy methods as one registry of token-level, whole-batch transforms (docs/theory.md §4.6).
+
+Every method is built by :func:`make_method` from :data:`METHODS` and used in two phases:
+
+1. ``plan = method.prepare(advantages, log_probs, old_log_probs, mask, entropy, step, ...)`` once
+   per batch over the **whole** batch (selections such as Clip-Cov's are global, never per
+   micro-batch), returning a :class:`MethodPlan` (advantages to train on, acceptance, per-token
+   flags, diagnostics, ``skip``);
+2. ``method.token_loss(plan.rows(i), log_probs_i, old_log_probs_i, mask_i, token_entropy_i)`` per
+   micro-batch, reduced with :func:`masked_token_mean` by the masked-token count of the WHOLE batch.
+
+The token loss is the PPO clipped surrogate ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``,
+``r = exp(log pi - log pi_old)``, plus the method's terms (Clip-Cov detach, KL-Cov penalty
+``kl_coef |log pi - log pi_old|`` on its tokens, entropy bonus ``-coef H_t``). A rejected or
+zeroed token trains with advantage 0 and keeps its place in the normaliser (§4.5).
+
+Shapes: ``[B, T]`` everywhere (B responses, T positions; a bandit sample is ``T = 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .core import check_float_tensor, check_rule
+from .rejection import EntropyRejectionSampler, _as_float
+from .schedules import Schedule, parse_schedule
+
+__all__ = [
+    "METHODS",
+    "MethodPlan",
+    "EntropyMethod",
+    "make_method",
+    "masked_token_mean",
+    "clipped_surrogate",
+    "token_covariance",
+]
+
+_LOG_RATIO_CLAMP = 20.0
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def masked_token_mean(loss_tok: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
+    """``sum(loss_tok * mask) / normalizer`` (docs/theory.md §4.5).
+
+    ``normalizer`` is the number of masked tokens in the WHOLE batch (so micro-batch losses add
+    up to the batch token mean, and rejected tokens, which carry zero loss, still count).
+    Default ``mask.sum()``. A zero normaliser returns a zero that keeps the graph (no NaN).
+    """
+    if loss_tok.shape != mask.shape:
+        raise ValueError(f"loss_tok shape {tuple(loss_tok.shape)} must equal mask shape {tuple(mask.shape)}")
+    m = mask.to(torch.bool)
+    total = torch.where(m, loss_tok, torch.zeros_like(loss_tok)).sum()
+    n = m.sum() if normalizer is None else normalizer
+    n_val = float(n)
+    if not math.isfinite(n_val) or n_val < 0:
+        raise ValueError(f"normalizer must be a finite count >= 0, got {n_val}")
+    if n_val == 0:
+        return total * 0.0
+    return total / n_val
+
+
+def clipped_surrogate(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, eps_low: float, eps_high: float
+) -> Tensor:
+    """PPO token loss ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``[B, T]`` (§4.6)."""
+    ratio = torch.exp((log_probs - old_log_probs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped)
+
+
+def token_covariance(advantages: Tensor, log_probs: Tensor, mask: Tensor) -> Tensor:
+    """Cui et al. (2025) token covariance ``(A_t - mean A)(log pi_t - mean log pi)``, whole batch.
+
+    Means over the masked tokens of the whole ``[B, T]`` batch; off-mask entries are 0.
+    """
+    m = mask.to(torch.bool)
+    n = max(int(m.sum()), 1)
+    a = torch.where(m, advantages, torch.zeros_like(advantages))
+    lp = torch.where(m, log_probs.detach(), torch.zeros_like(log_probs))
+    cov = (a - a.sum() / n) * (lp - lp.sum() / n)
+    return torch.where(m, cov, torch.zeros_like(cov))
+
+
+def _row_sign_stats(adv_in: Tensor, accepted: Tensor, mask: Tensor) -> dict[str, float]:
+    """Acceptance fractions over samples (rows); a row's sign is that of its masked advantage sum."""
+    row_valid = mask.any(-1)
+    row_adv = torch.where(mask, adv_in, torch.zeros_like(adv_in)).sum(-1)
+    row_acc = (accepted & mask).any(-1) & row_valid
+    pos, neg = (row_adv > 0) & row_valid, (row_adv < 0) & row_valid
+
+    def frac(a: Tensor, b: Tensor) -> float:
+        d = int(b.sum())
+        return int((a & b).sum()) / d if d else 1.0
+
+    return {
+        "num_samples": float(row_valid.sum()),
+        "accepted_fraction": frac(row_acc, row_valid),
+        "accepted_pos_fraction": frac(row_acc, pos),
+        "accepted_neg_fraction": frac(row_acc, neg),
+    }
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass
+class MethodPlan:
+    """What one batch trains on (docs/theory.md §4.6). All tensors ``[B, T]``.
+
+    ``advantages`` (rejected/zeroed entries 0), ``accepted`` (bool), ``diagnostics``, ``skip``
+    (nothing to train on: the loop skips the optimiser step), ``detach`` (Clip-Cov: tokens whose
+    gradient is removed), ``kl_mask`` (KL-Cov: tokens with the KL penalty), ``entropy_coef``
+    (bonus coefficient in effect this step), ``eps_low``/``eps_high``, ``kl_coef``.
+    """
+
+    advantages: Tensor
+    accepted: Tensor
+    diagnostics: dict[str, float | str] = field(default_factory=dict)
+    skip: bool = False
+    detach: Tensor | None = None
+    kl_mask: Tensor | None = None
+    entropy_coef: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.0
+
+    def rows(self, index: int | slice | Tensor | list[int]) -> MethodPlan:
+        """The same plan restricted to some rows (a micro-batch); an int keeps the row dimension."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return replace(self, advantages=take(self.advantages), accepted=take(self.accepted),
+                       detach=take(self.detach), kl_mask=take(self.kl_mask))
+
+
+# ----------------------------------------------------------------------------- base class
+class EntropyMethod:
+    """Base class: vanilla GRPO/PPO token loss, no entropy intervention (docs/theory.md §4.6).
+
+    Subclasses override :meth:`_transform` (advantage/acceptance/flags) and declare their
+    options in ``OPTIONS`` (name -> default). Common options for every method: ``eps_low``,
+    ``eps_high``, ``total_steps``, ``rule`` (``"pg"``/``"npg"``, the rule for which callers
+    compute contributions), ``lr`` (used by predictive calibration; recorded otherwise).
+    """
+
+    name = "vanilla"
+    needs_token_entropy = False
+    needs_contributions = False
+    COMMON: dict[str, object] = {"eps_low": 0.2, "eps_high": 0.2, "total_steps": None, "rule": "pg", "lr": 1.0}
+    OPTIONS: dict[str, object] = {}
+
+    def __init__(self, **options: object) -> None:
+        allowed = {**self.COMMON, **self.OPTIONS}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        self.options = {**allowed, **options}
+        self.eps_low = _as_float(self.options["eps_low"], "eps_low")
+        self.eps_high = _as_float(self.options["eps_high"], "eps_high")
+        if not (0 <= self.eps_low < 1) or self.eps_high < 0:
+            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        self.rule = check_rule(str(self.options["rule"]))
+        ts = self.options["total_steps"]
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts <= 0):
+            raise ValueError(f"total_steps must be an int > 0, got {ts!r}")
+        self.total_steps: int | None = ts  # type: ignore[assignment]
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-method option checks and state; override."""
+
+    def _target(self, key: str = "target") -> Schedule:
+        spec = self.options[key]
+        if spec is None:
+            raise ValueError(f"method {self.name!r} needs {key}=... (a number, a schedule spec or a Schedule)")
+        if isinstance(spec, Schedule):
+            return spec
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return parse_schedule(spec, self.total_steps or 1)
+        if self.total_steps is None:
+            raise ValueError(f"method {self.name!r}: {key}={spec!r} needs total_steps=...")
+        return parse_schedule(spec, self.total_steps)  # type: ignore[arg-type]
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def prepare(
+        self,
+        advantages: Tensor,
+        log_probs: Tensor,
+        old_log_probs: Tensor,
+        mask: Tensor,
+        entropy: float | Tensor,
+        step: int,
+        contributions: Tensor | None = None,
+        rewards: Tensor | None = None,
+    ) -> MethodPlan:
+        """Build this batch's :class:`MethodPlan` over the WHOLE batch (docs/theory.md §4.6).
+
+        Parameters
+        ----------
+        advantages : ``[B, T]`` per-token advantages (sequence advantage broadcast).
+        log_probs, old_log_probs : ``[B, T]`` current / behaviour ``log pi(y_t)`` (detached is fine).
+        mask : ``[B, T]`` bool response tokens.
+        entropy : token-mean entropy of the batch (masked), before the update.
+        step : int ``>= 0``.
+        contributions : ``[B, T]`` per-token first-order contributions or None.
+        rewards : ``[B]`` raw per-sequence rewards or None.
+        """
+        adv = check_float_tensor(advantages, "advantages")
+        if adv.ndim != 2:
+            raise ValueError(f"advantages must be [B, T] (use .unsqueeze(-1) for T = 1), got {tuple(adv.shape)}")
+        for name, t in (("log_probs", log_probs), ("old_log_probs", old_log_probs)):
+            check_float_tensor(t, name)
+            if t.shape != adv.shape:
+                raise ValueError(f"{name} shape {tuple(t.shape)} must equal advantages shape {tuple(adv.shape)}")
+        if not isinstance(mask, Tensor) or mask.shape != adv.shape:
+            raise ValueError(f"mask must be a tensor of shape {tuple(adv.shape)}")
+        m = mask.to(torch.bool)
+        h = _as_float(entropy, "entropy")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if contributions is not None:
+            check_float_tensor(contributions, "contributions")
+            if contributions.shape != adv.shape:
+                raise ValueError(f"contributions shape {tuple(contributions.shape)} must equal {tuple(adv.shape)}")
+        if rewards is not None:
+            rewards = check_float_tensor(rewards.to(adv.dtype) if isinstance(rewards, Tensor) else rewards,
+                                         "rewards")
+            if rewards.shape not in ((adv.shape[0],), adv.shape):
+                raise ValueError(f"rewards must be [B] = ({adv.shape[0]},) or {tuple(adv.shape)}, "
+                                 f"got {tuple(rewards.shape)}")
+        adv = torch.where(m, adv, torch.zeros_like(adv))
+        plan = self._transform(adv, log_probs.detach(), old_log_probs.detach(), m, h, step, contributions, rewards)
+        plan.advantages = torch.where(m, plan.advantages, torch.zeros_like(plan.advantages))
+        plan.accepted = plan.accepted & m
+        diag = {"method": self.name, "entropy": h, **_row_sign_stats(adv, plan.accepted, m), **plan.diagnostics}
+        live = bool((plan.advantages != 0).any())
+        extra = plan.entropy_coef != 0 or (plan.kl_mask is not None and bool(plan.kl_mask.any()))
+        plan.skip = not (live or extra)
+        diag["all_rejected"] = float(not live)
+        if plan.skip:
+            diag.setdefault("note", "nothing to train on (all advantages zero or rejected): skip the update")
+        plan.diagnostics = diag
+        plan.eps_low, plan.eps_high = self.eps_low, self.eps_high
+        return plan
+
+    def _source(self, adv: Tensor, rewards: Tensor | None, mask: Tensor) -> Tensor:
+        """Advantages or, with ``source="rewards"``, the raw rewards broadcast to ``[B, T]``."""
+        if self.options.get("source", "advantages") == "advantages":
+            return adv
+        if rewards is None:
+            raise ValueError(f"method {self.name!r} with source='rewards' needs rewards=...")
+        r = rewards if rewards.shape == adv.shape else rewards.unsqueeze(-1).expand(adv.shape)
+        return torch.where(mask, r, torch.zeros_like(r))
+
+    def _transform(
+        self, adv: Tensor, lp: Tensor, old: Tensor, mask: Tensor, h: float, step: int,
+        contributions: Tensor | None, rewards: Tensor | None,
+    ) -> MethodPlan:
+        return MethodPlan(advantages=adv, accepted=mask.clone())
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def token_loss(
+        self,
+        plan: MethodPlan,
+        log_probs: Tensor,
+        old_log_probs: Tensor,
+        mask: Tensor,
+        token_entropy: Tensor | None = None,
+    ) -> Tensor:
+        """Per-token loss ``[B, T]`` with gradients through ``log_probs`` (and ``token_entropy``).
+
+        ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``; Clip-Cov tokens detached; plus
+        ``kl_coef |log pi - log pi_old|`` on KL-Cov tokens; minus ``entropy_coef * H_t``. Zero off-mask.
+        """
+        if log_probs.shape != plan.advantages.shape or old_log_probs.shape != log_probs.shape:
+            raise ValueError(f"log_probs {tuple(log_probs.shape)} / old_log_probs {tuple(old_log_probs.shape)} "
+                             f"must match the plan's rows {tuple(plan.advantages.shape)} (use plan.rows(...))")
+        if mask.shape != log_probs.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal {tuple(log_probs.shape)}")
+        m = mask.to(torch.bool)
+        old = old_log_probs.detach()
+        loss = clipped_surrogate(log_probs, old, plan.advantages.to(log_probs.dtype), plan.eps_low, plan.eps_high)
+        if plan.detach is not None:
+            loss = torch.where(plan.detach, loss.detach(), loss)
+        if plan.kl_mask is not None and plan.kl_coef != 0:
+            loss = loss + torch.where(plan.kl_mask, plan.kl_coef * (log_probs - old).abs(), torch.zeros_like(loss))
+        if plan.entropy_coef != 0:
+            if token_entropy is None:
+                raise ValueError(f"method {self.name!r} needs token_entropy [B, T] (with grad) for its bonus")
+            if token_entropy.shape != loss.shape:
+                raise ValueError(f"token_entropy shape {tuple(token_entropy.shape)} must equal {tuple(loss.shape)}")
+            loss = loss - plan.entropy_coef * token_entropy
+        return torch.where(m, loss, torch.zeros_like(loss))
+
+    # -- feedback and state -----------------------------------------------------------------------
+    def observe(self, measured_change: float | Tensor) -> None:
+        """Measured entropy change of the last update (used by calibrating methods)."""
+        _as_float(measured_change, "measured_change")
+
+    def state_dict(self) -> dict[str, object]:
+        return {"name": self.name}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for method {state.get('name')!r}, not {self.name!r}")
+
+    def __repr__(self) -> str:
+        return f"make_method({self.name!r})"
+
+
+# ----------------------------------------------------------------------------- the methods
+class Vanilla(EntropyMethod):
+    """Plain GRPO/PPO (eps 0.2 / 0.2). First order: ``dH = -Cov(log pi, dz)``, usually < 0 (§4.6)."""
+
+    name = "vanilla"
+
+
+class EntropyBonus(EntropyMethod):
+    """Fixed entropy bonus ``-coef * H_t`` (coef 0.003). Raises entropy (§4.6)."""
+
+    name = "entropy-bonus"
+    needs_token_entropy = True
+    OPTIONS = {"coef": 0.003}
+
+    def _setup(self) -> None:
+        self.coef = _as_float(self.options["coef"], "coef")
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        return MethodPlan(advantages=adv, accepted=mask.clone(), entropy_coef=self.coef,
+                          diagnostics={"entropy_coef": self.coef})
+
+
+class AdaptiveEntropyBonus(EntropyMethod):
+    """Skywork-OR1 adaptive bonus (§4.6): ``coef += delta`` while ``H < target``, else
+    ``coef = max(0, coef - delta)``; the bonus acts only while ``H < target``."""
+
+    name = "adaptive-entropy-bonus"
+    needs_token_entropy = True
+    OPTIONS = {"target": 0.5, "schedule": None, "coef_init": 0.0, "delta": 0.001, "coef_max": 1.0}
+
+    def _setup(self) -> None:
+        if self.options["schedule"] is not None:
+            self.options["target"] = self.options["schedule"]
+        self.target = self._target()
+        self.coef = _as_float(self.options["coef_init"], "coef_init")
+        self.delta = _as_float(self.options["delta"], "delta")
+        self.coef_max = _as_float(self.options["coef_max"], "coef_max")
+        if self.coef < 0 or self.delta <= 0 or self.coef_max < 0:
+            raise ValueError("need coef_init >= 0, delta > 0, coef_max >= 0")
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        target = self.target(step)
+        below = h < target
+        self.coef = min(self.coef + self.delta, self.coef_max) if below else max(self.coef - self.delta, 0.0)
+        active = self.coef if below else 0.0
+        return MethodPlan(advantages=adv, accepted=mask.clone(), entropy_coef=active,
+                          diagnostics={"entropy_coef": active, "coef_state": self.coef, "target_entropy": target,
+                                       "regime": "below" if below else "above"})
+
+    def state_dict(self):
+        return {"name": self.name, "coef": self.coef}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.coef = float(state["coef"])
+
+
+class ClipHigher(EntropyMethod):
+    """DAPO clip-higher: decoupled ``eps_low = 0.2``, ``eps_high = 0.28`` (§4.6)."""
+
+    name = "clip-higher"
+    COMMON = {**EntropyMethod.COMMON, "eps_high": 0.28}
+
+
+class _CovMethod(EntropyMethod):
+    OPTIONS = {"ratio": 2e-4, "seed": 0}
+
+    def _setup(self) -> None:
+        self.ratio = _as_float(self.options["ratio"], "ratio")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        self.generator = torch.Generator().manual_seed(int(self.options["seed"]))  # type: ignore[arg-type]
+
+    def _count(self, mask: Tensor) -> int:
+        return max(int(self.ratio * int(mask.sum())), 1)
+
+    def state_dict(self):
+        return {"name": self.name, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
+
+class ClipCov(_CovMethod):
+    """Clip-Cov (Cui et al. 2025, §4.6): among tokens with ``lb <= cov <= ub`` a random
+    ``max(1, int(ratio * n_tokens))`` of the WHOLE batch are detached from the gradient."""
+
+    name = "clip-cov"
+    OPTIONS = {**_CovMethod.OPTIONS, "lb": 1.0, "ub": 5.0}
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.lb, self.ub = _as_float(self.options["lb"], "lb"), _as_float(self.options["ub"], "ub")
+        if self.lb > self.ub:
+            raise ValueError(f"clip-cov bounds need lb <= ub, got {self.lb}, {self.ub}")
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        cov = token_covariance(adv, lp, mask)
+        cand = (mask & (cov >= self.lb) & (cov <= self.ub)).reshape(-1).nonzero().squeeze(-1)
+        n = min(self._count(mask), cand.numel())
+        detach = torch.zeros(mask.numel(), dtype=torch.bool)
+        if n:
+            pick = cand[torch.randperm(cand.numel(), generator=self.generator)[:n].to(cand.device)]
+            detach[pick.cpu()] = True
+        detach = detach.reshape(mask.shape).to(mask.device)
+        return MethodPlan(advantages=adv, accepted=mask.clone(), detach=detach,
+                          diagnostics={"num_detached": float(n), "num_candidates": float(cand.numel())})
+
+
+class KLCov(_CovMethod):
+    """KL-Cov (Cui et al. 2025, §4.6): the top ``max(1, int(ratio * n_tokens))`` tokens of the WHOLE
+    batch by covariance get ``kl_coef |log pi - log pi_old|`` (zero at the first on-policy step)."""
+
+    name = "kl-cov"
+    OPTIONS = {**_CovMethod.OPTIONS, "kl_coef": 0.1}
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.kl_coef = _as_float(self.options["kl_coef"], "kl_coef")
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        cov = token_covariance(adv, lp, mask)
+        n = min(self._count(mask), int(mask.sum()))
+        flat = torch.where(mask, cov, torch.full_like(cov, -math.inf)).reshape(-1)
+        kl_mask = torch.zeros_like(flat, dtype=torch.bool)
+        if n:
+            kl_mask[torch.topk(flat, n).indices] = True
+        plan = MethodPlan(advantages=adv, accepted=mask.clone(), kl_mask=kl_mask.reshape(mask.shape) & mask,
+                          diagnostics={"num_kl_tokens": float(n)})
+        plan.kl_coef = self.kl_coef
+        return plan
+
+
+class _SignMethod(EntropyMethod):
+    OPTIONS = {"source": "advantages"}
+
+    def _setup(self) -> None:
+        if self.options["source"] not in ("advantages", "rewards"):
+            raise ValueError(f"source must be 'advantages' or 'rewards', got {self.options['source']!r}")
+
+    def _weights(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        a = self._source(adv, rewards, mask)
+        out = a * self._weights(a)
+        accepted = mask & ((out != 0) | (a == 0))
+        return MethodPlan(advantages=out, accepted=accepted)
+
+
+class NSR(_SignMethod):
+    """Negative-sample reinforcement: positives set to 0 (§4.6)."""
+
+    name = "nsr"
+
+    def _weights(self, a):
+        return (a < 0).to(a.dtype)
+
+
+class RaftPP(_SignMethod):
+    """RAFT++: negatives set to 0 (§4.6)."""
+
+    name = "raft++"
+
+    def _weights(self, a):
+        return (a > 0).to(a.dtype)
+
+
+class WReinforce(_SignMethod):
+    """W-REINFORCE: positives weighted by ``weight`` (lambda = 0.1), negatives kept (§4.6)."""
+
+    name = "w-reinforce"
+    OPTIONS = {**_SignMethod.OPTIONS, "weight": 0.1}
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.weight = _as_float(self.options["weight"], "weight")
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
+    def _weights(self, a):
+        return torch.where(a > 0, torch.full_like(a, self.weight), torch.ones_like(a))
+
+
+class EntroPIC(EntropyMethod):
+    """EntroPIC-style PI control of positive/negative weights (§4.6).
+
+    ``e = H - target(step)``; ``alpha = clip(I + kp e, -alpha_max, alpha_max)``; ``I <- I + ki e``
+    (the release: ``alpha <- alpha_prev + e``, stored ``alpha - 0.99 e``, i.e. kp = 1, ki = 0.01).
+    Positive advantages weighted ``1 + alpha``, negative ``1 - alpha``.
+    """
+
+    name = "entropic"
+    OPTIONS = {"target": 0.5, "schedule": None, "kp": 1.0, "ki": 0.01, "alpha_max": 1.0}
+
+    def _setup(self) -> None:
+        if self.options["schedule"] is not None:
+            self.options["target"] = self.options["schedule"]
+        self.target = self._target()
+        self.kp, self.ki = _as_float(self.options["kp"], "kp"), _as_float(self.options["ki"], "ki")
+        self.alpha_max = _as_float(self.options["alpha_max"], "alpha_max")
+        self.integral = 0.0
+        self.alpha = 0.0
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        target = self.target(step)
+        e = h - target
+        self.alpha = max(-self.alpha_max, min(self.alpha_max, self.integral + self.kp * e))
+        self.integral += self.ki * e
+        w = torch.where(adv > 0, torch.full_like(adv, 1 + self.alpha), torch.full_like(adv, 1 - self.alpha))
+        return MethodPlan(advantages=adv * w, accepted=mask.clone(),
+                          diagnostics={"alpha": self.alpha, "target_entropy": target,
+                                       "regime": "above" if e > 0 else "below"})
+
+    def state_dict(self):
+        return {"name": self.name, "integral": self.integral, "alpha": self.alpha}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.integral, self.alpha = float(state["integral"]), float(state["alpha"])
+
+
+class _Entrocraft(EntropyMethod):
+    MODE = "band"
+    OPTIONS = {"target": None, "schedule": None, "band": None, "width": None, "exact_reference": False,
+               "k_scale": 1.0, "k_init": None, "k_min": None, "k_max": None, "forget": 0.9, "huber": 3.0,
+               "fit_offset": True, "offset_prior": 0.1, "tolerance": 0.0, "unit": "sample", "contribution_norm": "auto"}
+    DEFAULT_TARGET = "linear:0.6->0.4..linear:0.7->0.5"
+
+    def _setup(self) -> None:
+        given = [k for k in ("target", "schedule", "band") if self.options[k] is not None]
+        if len(given) > 1:
+            raise ValueError(f"method {self.name!r}: give only one of target/schedule/band, got {given}")
+        target = self.options[given[0]] if given else self.DEFAULT_TARGET
+        keys = ("width", "k_scale", "k_init", "k_min", "k_max", "forget", "huber", "fit_offset", "offset_prior",
+                "tolerance", "unit", "contribution_norm", "lr")
+        opts = {k: self.options[k] for k in keys if self.options[k] is not None}
+        if self.MODE == "band":
+            opts["exact_reference"] = self.options["exact_reference"]
+        elif self.options["exact_reference"]:
+            raise ValueError("exact_reference applies to entrocraft-band only")
+        self.sampler = EntropyRejectionSampler(target, mode=self.MODE, total_steps=self.total_steps, **opts)
+
+    def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
+        sel = self.sampler.select(adv, h, step, contributions=contributions, mask=mask, rewards=rewards)
+        diag = {k: v for k, v in sel.diagnostics.items()
+                if k not in ("accepted_fraction", "accepted_pos_fraction", "accepted_neg_fraction", "num_samples")}
+        return MethodPlan(advantages=sel.advantages, accepted=sel.accepted, diagnostics=diag)
+
+    def observe(self, measured_change):
+        self.sampler.observe(measured_change)
+
+    def state_dict(self):
+        return {"name": self.name, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.sampler.load_state_dict(state["sampler"])  # type: ignore[arg-type]
+
+
+class EntrocraftBand(_Entrocraft):
+    """Entrocraft, the released band rule (§4.3); default band ``linear:0.6->0.4..linear:0.7->0.5``."""
+
+    name = "entrocraft-band"
+    MODE = "band"
+
+
+class EntrocraftPredictive(_Entrocraft):
+    """Entrocraft, predictive mode (§4.4); needs ``contributions`` in ``prepare``."""
+
+    name = "entrocraft-predictive"
+    MODE = "predictive"
+    needs_contributions = True
+    DEFAULT_TARGET = "linear:0.65->0.45"
+
+
+#: registry ``name -> class``; build with :func:`make_method`
+METHODS: dict[str, type[EntropyMethod]] = {
+    cls.name: cls
+    for cls in (Vanilla, EntropyBonus, AdaptiveEntropyBonus, ClipHigher, ClipCov, KLCov, NSR, WReinforce, RaftPP,
+                EntroPIC, EntrocraftBand, EntrocraftPredictive)
+}
+
+
+def make_method(name: str, **options: object) -> EntropyMethod:
+    """Build the entropy method ``name`` from :data:`METHODS` with its options (docs/theory.md §4.6)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")
+    return METHODS[name](**options)

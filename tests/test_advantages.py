@@ -1,0 +1,80 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entrotheory.advantages import ESTIMATORS, compute_advantages
+
+rewards_st = st.integers(1, 5).flatmap(
+    lambda p: st.integers(2, 8).flatmap(
+        lambda g: st.lists(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 1.0]), min_size=g, max_size=g),
+                           min_size=p, max_size=p)
+    )
+)
+
+
+def test_known_values():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    grpo, info = compute_advantages(r, "grpo")
+    std = torch.tensor([1.0, 0, 0, 1]).std(unbiased=True)
+    assert torch.allclose(grpo[0], (torch.tensor([1.0, 0, 0, 1]) - 0.5) / (std + 1e-6))
+    assert torch.equal(grpo[1], torch.zeros(4))
+    assert info["zero_signal_groups"] == 1 and info["num_groups"] == 2 and info["group_size"] == 4
+    dr, _ = compute_advantages(r, "dr-grpo")
+    assert torch.allclose(dr[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    rloo, _ = compute_advantages(r, "rloo")
+    # r_0 - mean(r_1, r_2, r_3) = 1 - 1/3
+    assert rloo[0, 0].item() == pytest.approx(2 / 3) and rloo[0, 1].item() == pytest.approx(-2 / 3)
+    rf, _ = compute_advantages(r, "reinforce")
+    assert torch.allclose(rf, r - 0.75)  # batch-mean baseline keeps the all-correct group's signal
+    raw, _ = compute_advantages(r, "raw")
+    assert torch.equal(raw, r)
+
+
+def test_group_of_one_and_one_dim():
+    adv, info = compute_advantages(torch.tensor([[2.0], [-1.0]]), "grpo")
+    assert torch.allclose(adv, torch.tensor([[2.0], [-1.0]]) / (1 + 1e-6))  # verl: mean 0, std 1
+    assert info["zero_signal_groups"] == 0
+    a1, _ = compute_advantages(torch.tensor([1.0, 0.0, 1.0]), "dr-grpo")
+    assert a1.shape == (3,) and torch.allclose(a1, torch.tensor([1 / 3, -2 / 3, 1 / 3]))
+    ints, _ = compute_advantages(torch.tensor([[1, 0], [0, 0]]), "grpo")
+    assert ints.dtype == torch.float32 and ints[1].abs().sum() == 0
+
+
+@given(rewards_st, st.sampled_from(ESTIMATORS))
+@settings(max_examples=80, deadline=None)
+def test_estimator_invariants(rows, estimator):
+    r = torch.tensor(rows, dtype=torch.float64)
+    adv, info = compute_advantages(r, estimator)
+    assert adv.shape == r.shape and adv.dtype == torch.float64 and torch.isfinite(adv).all()
+    flat = (r == r[:, :1]).all(-1)
+    assert info["zero_signal_groups"] == int(flat.sum())
+    if estimator in ("grpo", "dr-grpo", "rloo"):
+        assert torch.allclose(adv.sum(-1), torch.zeros(r.shape[0], dtype=torch.float64), atol=1e-9)
+        assert (adv[flat] == 0).all()
+        # order-preserving within a group: better reward, larger advantage
+        diff_r = r.unsqueeze(-1) - r.unsqueeze(-2)
+        diff_a = adv.unsqueeze(-1) - adv.unsqueeze(-2)
+        assert ((diff_r > 0) <= (diff_a > 0)).all()
+    if estimator == "grpo":
+        ok = ~flat
+        if ok.any():
+            assert torch.allclose(adv[ok].std(-1, unbiased=True), torch.ones(int(ok.sum()), dtype=torch.float64),
+                                  atol=1e-4)
+    if estimator == "reinforce":
+        assert abs(float(adv.sum())) < 1e-9
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown estimator"):
+        compute_advantages(torch.ones(2, 2), "ppo")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        compute_advantages([[1.0, 0.0]], "grpo")
+    with pytest.raises(ValueError, match="NaN"):
+        compute_advantages(torch.tensor([[1.0, float("nan")]]), "grpo")
+    with pytest.raises(ValueError, match=r"\[P, G\]"):
+        compute_advantages(torch.ones(2, 2, 2), "grpo")
+    with pytest.raises(ValueError, match="empty"):
+        compute_advantages(torch.ones(0, 3), "grpo")
+    with pytest.raises(ValueError, match="eps"):
+        compute_advantages(torch.ones(2, 2), "grpo", eps=0.0)
