@@ -153,7 +153,14 @@ def logit_update(logits: Tensor, actions: Tensor, advantages: Tensor, rule: str 
         dz = torch.zeros_like(p).scatter_add_(-1, actions, weights)
         return dz - weights.sum(-1, keepdim=True) * p
     inv_p = torch.exp(-logp.gather(-1, actions))
-    return torch.zeros_like(p).scatter_add_(-1, actions, adv * inv_p / n)
+    dz = torch.zeros_like(p).scatter_add_(-1, actions, adv * inv_p / n)
+    if not bool(torch.isfinite(dz).all()):
+        worst = float(logp.gather(-1, actions).min())
+        raise ValueError(
+            f"npg logit update overflows {p.dtype}: a sampled action has log pi = {worst:.1f}, so 1/pi is "
+            "not representable; use rule='pg', float64 logits, or less extreme logits"
+        )
+    return dz
 
 
 def predicted_entropy_change(logits: Tensor, delta_logits: Tensor) -> Tensor:

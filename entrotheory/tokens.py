@@ -82,7 +82,10 @@ def token_entropy_stats(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
-    flat_logits = logits.detach().reshape(-1, vocab)
+    logits = logits.detach()
+    # a contiguous tensor is viewed as rows; a strided one (e.g. logits[:, :-1]) is gathered chunk by
+    # chunk, because reshape would copy all B*T*V entries
+    flat_logits = logits.view(-1, vocab) if logits.is_contiguous() else None
     flat_tokens = tokens.reshape(-1)
     rows = mask.reshape(-1).nonzero().squeeze(-1)
     if rows.numel() and (
@@ -93,7 +96,12 @@ def token_entropy_stats(
     dense = rows.numel() == flat_tokens.numel()  # all positions count: slice, don't gather
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        chunk = flat_logits[start : start + idx.numel()] if dense else flat_logits.index_select(0, idx)
+        if flat_logits is None:
+            chunk = logits[torch.unravel_index(idx, tuple(lead))]
+        elif dense:
+            chunk = flat_logits[start : start + idx.numel()]
+        else:
+            chunk = flat_logits.index_select(0, idx)
         z = chunk.float()
         if not bool(torch.isfinite(z).all()):
             raise ValueError("logits contain NaN/inf at masked-in positions")

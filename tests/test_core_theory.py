@@ -309,5 +309,7 @@ def test_bad_input_errors_name_the_problem():
         et.entropy(torch.ones(3, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor"):
         et.entropy([0.0, 1.0])
+    with pytest.raises(ValueError, match="npg logit update overflows"):
+        et.logit_update(torch.tensor([1e4, 0.0, -1e4]), torch.tensor([2]), torch.tensor([1.0]), "npg")
     with pytest.raises(ValueError, match="delta_logits shape"):
         et.predicted_entropy_change(z, z[..., :-1])

@@ -90,3 +90,26 @@ def test_per_token_advantages_and_bad_input():
         et.token_entropy_stats(logits, tokens, chunk_size=0)
     with pytest.raises(TypeError, match="integer"):
         et.token_entropy_stats(logits, tokens.float())
+
+
+def test_strided_logits_are_never_copied_whole():
+    """logits[:, :-1] (the usual LM call) is not contiguous: no allocation may be as large as a full
+    copy; each op allocates at most a float32 chunk (chunk * V * 4 bytes), here 1/8 of the bf16 size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(5)
+    b, t, v, chunk = 4, 65, 20_000, 8
+    big = torch.randn(b, t, v, generator=g).to(torch.bfloat16)
+    sliced = big[:, :-1]
+    tokens = torch.randint(0, v, (b, t - 1), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = et.token_entropy_stats(sliced, tokens, chunk_size=chunk)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    chunk_bytes = chunk * v * 4
+    assert largest <= chunk_bytes, (largest, chunk_bytes)
+    assert largest < sliced.numel() * 2
+    ref = et.token_entropy_stats(sliced.contiguous(), tokens, chunk_size=chunk)
+    for a, b_ in zip(out[:3], ref[:3]):
+        assert torch.equal(a, b_)
+    masked = et.token_entropy_stats(sliced, tokens, mask=tokens % 2 == 0, chunk_size=chunk)
+    assert torch.equal(masked.entropy[tokens % 2 == 0], ref.entropy[tokens % 2 == 0])
