@@ -110,7 +110,7 @@ def compute_advantages(
         raise ValueError(f"rewards contain {int((~torch.isfinite(r)).sum())} NaN/inf value(s)")
     adv = ADVANTAGE_ESTIMATORS[estimator](r, float(eps))
     g = r.shape[-1]
-    flat = (r == r[:, :1]).all(-1) if g >= 2 else torch.zeros(r.shape[0], dtype=torch.bool)
+    flat = (r == r[:, :1]).all(-1) if g >= 2 else torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
     if estimator in _GROUP_ESTIMATORS:
         adv = torch.where(flat.unsqueeze(-1), torch.zeros_like(adv), adv)
     n_flat = int(flat.sum())

@@ -11,8 +11,9 @@ Every method is built by :func:`make_method` from :data:`METHODS` and used in tw
 
 The token loss is the PPO clipped surrogate ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``,
 ``r = exp(log pi - log pi_old)``, plus the method's terms (Clip-Cov detach, KL-Cov penalty
-``kl_coef |log pi - log pi_old|`` on its tokens, entropy bonus ``-coef H_t``). A rejected or
-zeroed token trains with advantage 0 and keeps its place in the normaliser (§4.5).
+``kl_coef |log pi - log pi_old|`` on its tokens, entropy bonus ``-coef H_t``). KL-Cov follows verl by
+default (``verl_compat=True``): no clip, ``-A r`` on every token. A rejected or zeroed token trains with
+advantage 0 and keeps its place in the normaliser (§4.5).
 
 Shapes: ``[B, T]`` everywhere (B responses, T positions; a bandit sample is ``T = 1``).
 """
@@ -86,8 +87,19 @@ def token_covariance(advantages: Tensor, log_probs: Tensor, mask: Tensor) -> Ten
     return torch.where(m, cov, torch.zeros_like(cov))
 
 
+def _ppo_clipped(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, eps_low: float,
+                 eps_high: float) -> Tensor:
+    """Tokens whose PPO term is on the clipped side: ``-A clip(r) > -A r`` (verl's ``clip_by_origin``).
+
+    Their surrogate is constant in ``log pi``, so they carry no policy gradient (§4.6).
+    """
+    ratio = torch.exp((log_probs - old_log_probs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    return -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high) > -advantages * ratio
+
+
 def _row_sign_stats(adv_in: Tensor, accepted: Tensor, mask: Tensor) -> dict[str, float]:
-    """Acceptance fractions over samples (rows); a row's sign is that of its masked advantage sum."""
+    """Acceptance fractions over samples (rows); a row's sign is that of its masked ``adv_in`` sum
+    (``adv_in``: the values the method decides on, see ``MethodPlan.sign_source``)."""
     row_valid = mask.any(-1)
     row_adv = torch.where(mask, adv_in, torch.zeros_like(adv_in)).sum(-1)
     row_acc = (accepted & mask).any(-1) & row_valid
@@ -99,6 +111,8 @@ def _row_sign_stats(adv_in: Tensor, accepted: Tensor, mask: Tensor) -> dict[str,
 
     return {
         "num_samples": float(row_valid.sum()),
+        "num_pos": float(pos.sum()),
+        "num_neg": float(neg.sum()),
         "accepted_fraction": frac(row_acc, row_valid),
         "accepted_pos_fraction": frac(row_acc, pos),
         "accepted_neg_fraction": frac(row_acc, neg),
@@ -113,7 +127,10 @@ class MethodPlan:
     ``advantages`` (rejected/zeroed entries 0), ``accepted`` (bool), ``diagnostics``, ``skip``
     (nothing to train on: the loop skips the optimiser step), ``detach`` (Clip-Cov: tokens whose
     gradient is removed), ``kl_mask`` (KL-Cov: tokens with the KL penalty), ``entropy_coef``
-    (bonus coefficient in effect this step), ``eps_low``/``eps_high``, ``kl_coef``.
+    (bonus coefficient in effect this step), ``eps_low``/``eps_high`` (KL-Cov with ``verl_compat``:
+    ``1`` / ``inf``, i.e. no clipping), ``kl_coef``, ``sign_source`` (the values whose signs define the
+    positive and negative samples of the acceptance diagnostics, when they are not the given
+    advantages: the raw rewards under ``source="rewards"`` or Entrocraft's ``exact_reference``).
     """
 
     advantages: Tensor
@@ -126,6 +143,7 @@ class MethodPlan:
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float = 0.0
+    sign_source: Tensor | None = field(default=None, repr=False)
 
     def rows(self, index: int | slice | Tensor | list[int]) -> MethodPlan:
         """The same plan restricted to some rows (a micro-batch); an int keeps the row dimension."""
@@ -136,7 +154,7 @@ class MethodPlan:
             return None if t is None else t[index]
 
         return replace(self, advantages=take(self.advantages), accepted=take(self.accepted),
-                       detach=take(self.detach), kl_mask=take(self.kl_mask))
+                       detach=take(self.detach), kl_mask=take(self.kl_mask), sign_source=take(self.sign_source))
 
 
 # ----------------------------------------------------------------------------- base class
@@ -161,6 +179,7 @@ class EntropyMethod:
         if unknown:
             raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
         self.options = {**allowed, **options}
+        self._given = frozenset(options)
         self.eps_low = _as_float(self.options["eps_low"], "eps_low")
         self.eps_high = _as_float(self.options["eps_high"], "eps_high")
         if not (0 <= self.eps_low < 1) or self.eps_high < 0:
@@ -229,8 +248,8 @@ class EntropyMethod:
             if contributions.shape != adv.shape:
                 raise ValueError(f"contributions shape {tuple(contributions.shape)} must equal {tuple(adv.shape)}")
         if rewards is not None:
-            rewards = check_float_tensor(rewards.to(adv.dtype) if isinstance(rewards, Tensor) else rewards,
-                                         "rewards")
+            rewards = check_float_tensor(rewards.to(device=adv.device, dtype=adv.dtype)
+                                         if isinstance(rewards, Tensor) else rewards, "rewards")
             if rewards.shape not in ((adv.shape[0],), adv.shape):
                 raise ValueError(f"rewards must be [B] = ({adv.shape[0]},) or {tuple(adv.shape)}, "
                                  f"got {tuple(rewards.shape)}")
@@ -238,7 +257,8 @@ class EntropyMethod:
         plan = self._transform(adv, log_probs.detach(), old_log_probs.detach(), m, h, step, contributions, rewards)
         plan.advantages = torch.where(m, plan.advantages, torch.zeros_like(plan.advantages))
         plan.accepted = plan.accepted & m
-        diag = {"method": self.name, "entropy": h, **_row_sign_stats(adv, plan.accepted, m), **plan.diagnostics}
+        sign_src = adv if plan.sign_source is None else plan.sign_source
+        diag = {"method": self.name, "entropy": h, **_row_sign_stats(sign_src, plan.accepted, m), **plan.diagnostics}
         live = bool((plan.advantages != 0).any())
         extra = plan.entropy_coef != 0 or (plan.kl_mask is not None and bool(plan.kl_mask.any()))
         plan.skip = not (live or extra)
@@ -246,8 +266,12 @@ class EntropyMethod:
         if plan.skip:
             diag.setdefault("note", "nothing to train on (all advantages zero or rejected): skip the update")
         plan.diagnostics = diag
-        plan.eps_low, plan.eps_high = self.eps_low, self.eps_high
+        plan.eps_low, plan.eps_high = self._plan_eps()
         return plan
+
+    def _plan_eps(self) -> tuple[float, float]:
+        """The clip range the token loss uses (KL-Cov under ``verl_compat``: none)."""
+        return self.eps_low, self.eps_high
 
     def _source(self, adv: Tensor, rewards: Tensor | None, mask: Tensor) -> Tensor:
         """Advantages or, with ``source="rewards"``, the raw rewards broadcast to ``[B, T]``."""
@@ -337,8 +361,9 @@ class EntropyBonus(EntropyMethod):
 
 
 class AdaptiveEntropyBonus(EntropyMethod):
-    """Skywork-OR1 adaptive bonus (§4.6): ``coef += delta`` while ``H < target``, else
-    ``coef = max(0, coef - delta)``; the bonus acts only while ``H < target``."""
+    """Skywork-OR1 adaptive bonus (§4.6), "update after use": at step k the bonus coefficient is
+    ``c_k`` if ``H_k < target(k)`` and 0 otherwise; then ``c_{k+1} = min(c_k + delta, coef_max)``
+    if ``H_k < target(k)``, else ``max(c_k - delta, 0)``. ``c_0 = coef_init``."""
 
     name = "adaptive-entropy-bonus"
     needs_token_entropy = True
@@ -357,8 +382,8 @@ class AdaptiveEntropyBonus(EntropyMethod):
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         target = self.target(step)
         below = h < target
+        active = self.coef if below else 0.0  # c_k, set by the previous steps' entropies (update after use)
         self.coef = min(self.coef + self.delta, self.coef_max) if below else max(self.coef - self.delta, 0.0)
-        active = self.coef if below else 0.0
         return MethodPlan(advantages=adv, accepted=mask.clone(), entropy_coef=active,
                           diagnostics={"entropy_coef": active, "coef_state": self.coef, "target_entropy": target,
                                        "regime": "below" if below else "above"})
@@ -379,12 +404,15 @@ class ClipHigher(EntropyMethod):
 
 
 class _CovMethod(EntropyMethod):
-    OPTIONS = {"ratio": 2e-4, "seed": 0}
+    OPTIONS = {"ratio": 2e-4, "seed": 0, "verl_compat": True}
 
     def _setup(self) -> None:
         self.ratio = _as_float(self.options["ratio"], "ratio")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if not isinstance(self.options["verl_compat"], bool):
+            raise TypeError(f"verl_compat must be a bool, got {self.options['verl_compat']!r}")
+        self.verl_compat: bool = self.options["verl_compat"]  # type: ignore[assignment]
         self.generator = torch.Generator().manual_seed(int(self.options["seed"]))  # type: ignore[arg-type]
 
     def _count(self, mask: Tensor) -> int:
@@ -399,8 +427,13 @@ class _CovMethod(EntropyMethod):
 
 
 class ClipCov(_CovMethod):
-    """Clip-Cov (Cui et al. 2025, §4.6): among tokens with ``lb <= cov <= ub`` a random
-    ``max(1, int(ratio * n_tokens))`` of the WHOLE batch are detached from the gradient."""
+    """Clip-Cov (Cui et al. 2025, §4.6): among the candidate tokens a random
+    ``max(1, int(ratio * n_tokens))`` of the WHOLE batch are detached from the gradient.
+
+    ``verl_compat=True`` (default), as verl: candidates have ``lb < cov < ub`` (strict) and are not
+    already clipped by PPO at ``prepare`` time (ratio from the ``log_probs`` / ``old_log_probs``
+    given there). ``verl_compat=False``: ``lb <= cov <= ub``, clipped tokens not excluded.
+    """
 
     name = "clip-cov"
     OPTIONS = {**_CovMethod.OPTIONS, "lb": 1.0, "ub": 5.0}
@@ -413,20 +446,31 @@ class ClipCov(_CovMethod):
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         cov = token_covariance(adv, lp, mask)
-        cand = (mask & (cov >= self.lb) & (cov <= self.ub)).reshape(-1).nonzero().squeeze(-1)
+        if self.verl_compat:
+            clipped = mask & _ppo_clipped(lp, old, adv, self.eps_low, self.eps_high)
+            in_range = mask & ~clipped & (cov > self.lb) & (cov < self.ub)
+        else:
+            clipped = torch.zeros_like(mask)
+            in_range = mask & (cov >= self.lb) & (cov <= self.ub)
+        cand = in_range.reshape(-1).nonzero().squeeze(-1)
         n = min(self._count(mask), cand.numel())
-        detach = torch.zeros(mask.numel(), dtype=torch.bool)
-        if n:
-            pick = cand[torch.randperm(cand.numel(), generator=self.generator)[:n].to(cand.device)]
-            detach[pick.cpu()] = True
-        detach = detach.reshape(mask.shape).to(mask.device)
-        return MethodPlan(advantages=adv, accepted=mask.clone(), detach=detach,
-                          diagnostics={"num_detached": float(n), "num_candidates": float(cand.numel())})
+        detach = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        if n:  # the generator lives on the CPU: draw there, index on the batch's device
+            perm = torch.randperm(cand.numel(), generator=self.generator, device=self.generator.device)[:n]
+            detach[cand[perm.to(cand.device)]] = True
+        return MethodPlan(advantages=adv, accepted=mask.clone(), detach=detach.reshape(mask.shape),
+                          diagnostics={"num_detached": float(n), "num_candidates": float(cand.numel()),
+                                       "num_ppo_clipped": float(clipped.sum())})
 
 
 class KLCov(_CovMethod):
     """KL-Cov (Cui et al. 2025, §4.6): the top ``max(1, int(ratio * n_tokens))`` tokens of the WHOLE
-    batch by covariance get ``kl_coef |log pi - log pi_old|`` (zero at the first on-policy step)."""
+    batch by covariance get ``kl_coef |log pi - log pi_old|`` (zero gradient at the first on-policy step).
+
+    ``verl_compat=True`` (default), as verl: every token's surrogate is the unclipped ``-A r`` (no
+    PPO clip, so ``eps_low``/``eps_high`` may not be given); ``verl_compat=False``: the clipped
+    surrogate ``-min(r A, clip(r) A)`` plus the penalty.
+    """
 
     name = "kl-cov"
     OPTIONS = {**_CovMethod.OPTIONS, "kl_coef": 0.1}
@@ -434,6 +478,14 @@ class KLCov(_CovMethod):
     def _setup(self) -> None:
         super()._setup()
         self.kl_coef = _as_float(self.options["kl_coef"], "kl_coef")
+        given = sorted({"eps_low", "eps_high"} & self._given)
+        if self.verl_compat and given:
+            raise ValueError(f"kl-cov with verl_compat=True has no PPO clip (verl's -A r), so {given} would be "
+                             "ignored; pass verl_compat=False to use a clipped surrogate")
+
+    def _plan_eps(self) -> tuple[float, float]:
+        # clamp(r, 0, inf) = r for every r > 0: -min(r A, r A) = -A r, verl's unclipped KL-Cov surrogate
+        return (1.0, math.inf) if self.verl_compat else (self.eps_low, self.eps_high)
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         cov = token_covariance(adv, lp, mask)
@@ -462,7 +514,7 @@ class _SignMethod(EntropyMethod):
         a = self._source(adv, rewards, mask)
         out = a * self._weights(a)
         accepted = mask & ((out != 0) | (a == 0))
-        return MethodPlan(advantages=out, accepted=accepted)
+        return MethodPlan(advantages=out, accepted=accepted, sign_source=a)
 
 
 class NSR(_SignMethod):
@@ -560,9 +612,14 @@ class _Entrocraft(EntropyMethod):
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         sel = self.sampler.select(adv, h, step, contributions=contributions, mask=mask, rewards=rewards)
+        # the base class recomputes the acceptance statistics per sample (row), whatever the unit
         diag = {k: v for k, v in sel.diagnostics.items()
-                if k not in ("accepted_fraction", "accepted_pos_fraction", "accepted_neg_fraction", "num_samples")}
-        return MethodPlan(advantages=sel.advantages, accepted=sel.accepted, diagnostics=diag)
+                if k not in ("accepted_fraction", "accepted_pos_fraction", "accepted_neg_fraction", "num_samples",
+                             "num_pos", "num_neg")}
+        sign_src = None
+        if self.sampler.exact_reference and sel.diagnostics.get("regime") in ("above", "below"):
+            sign_src = torch.where(mask, self.sampler._broadcast_rewards(rewards, adv), torch.zeros_like(adv))
+        return MethodPlan(advantages=sel.advantages, accepted=sel.accepted, diagnostics=diag, sign_source=sign_src)
 
     def observe(self, measured_change):
         self.sampler.observe(measured_change)

@@ -12,7 +12,8 @@ Two modes:
   ``[lower(t), upper(t)]``: ``H > upper`` keeps only positive-advantage samples (RAFT++-like),
   ``H < lower`` keeps only negative-advantage samples (NSR-like), inside keeps everything.
   ``exact_reference=True`` reproduces the release's detail: outside the band the *raw rewards*
-  (``rewards`` argument, +-1 in the release) replace the advantages, with the wrong sign zeroed.
+  (``rewards`` argument, +-1 in the release) replace the advantages, with the wrong sign zeroed; the
+  diagnostics then describe the raw rewards (what is trained on), see :meth:`EntropyRejectionSampler.select`.
 * ``mode="predictive"`` — our extension. With first-order contributions ``c`` (per unit learning
   rate, from :func:`entrotheory.core.entropy_change_contributions` or
   :func:`entrotheory.tokens.token_entropy_contributions`) and an online-calibrated effective
@@ -69,9 +70,14 @@ class StepSizeCalibrator:
         minimise  sum_j forget^(n-j) w_j (m_j - b - k p_j)^2 + offset_prior b^2
 
     ``k`` is clipped to ``[k_min, k_max]`` (a positive floor: a selection's predicted sign is
-    never inverted) and ``b`` re-fitted for the clipped ``k``. The Huber weight
-    ``w_j = min(1, huber * s / |m_j - b - k p_j|)`` down-weights outliers, ``s`` being a running
-    mean absolute residual floored at ``rel_floor * |k p_j|``. Before any data ``k = k_init``, ``b = 0``.
+    never inverted) and to ``[k / max_step, k * max_step]`` around its previous value (one pair
+    moves ``k`` by at most a factor ``max_step``, default 10), and ``b`` is re-fitted for the clipped
+    ``k``. The Huber weight ``w_j = min(1, huber * s / |m_j - b - k p_j|)`` down-weights outliers
+    from the first pair on: ``s`` is a running mean absolute residual and, before any data, the
+    prior residual scale ``|k_init p_j|`` (the prior is trusted to its order of magnitude only),
+    both floored at ``rel_floor * |k p_j|``. So one wild first pair neither pins ``k`` (it moves it
+    by at most ``max_step``) nor dominates the sums afterwards (its weight is at most
+    ``huber |k_init p_0| / |m_0 - k_init p_0|``). Before any data ``k = k_init``, ``b = 0``.
     The offset absorbs what the first-order prediction misses systematically: the (negative)
     curvature of a large update and any drift not caused by the policy-gradient term.
     """
@@ -86,18 +92,19 @@ class StepSizeCalibrator:
         rel_floor: float = 0.1,
         fit_offset: bool = True,
         offset_prior: float = 0.1,
+        max_step: float = 10.0,
     ) -> None:
         for name, v in (("k_init", k_init), ("forget", forget), ("huber", huber), ("rel_floor", rel_floor),
-                        ("offset_prior", offset_prior)):
+                        ("offset_prior", offset_prior), ("max_step", max_step)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TypeError(f"{name} must be a finite number, got {v!r}")
         if k_init <= 0:
             raise ValueError(f"k_init (effective step size before data) must be > 0, got {k_init}")
         if not 0 < forget <= 1:
             raise ValueError(f"forget must be in (0, 1], got {forget}")
-        if huber <= 0 or rel_floor < 0 or offset_prior <= 0:
-            raise ValueError(f"need huber > 0, rel_floor >= 0, offset_prior > 0; got {huber}, {rel_floor}, "
-                             f"{offset_prior}")
+        if huber <= 0 or rel_floor < 0 or offset_prior <= 0 or max_step <= 1:
+            raise ValueError(f"need huber > 0, rel_floor >= 0, offset_prior > 0, max_step > 1; got {huber}, "
+                             f"{rel_floor}, {offset_prior}, {max_step}")
         self.k_init = float(k_init)
         self.k_min = float(k_min) if k_min is not None else self.k_init * 1e-3
         self.k_max = float(k_max) if k_max is not None else self.k_init * 1e4
@@ -108,6 +115,7 @@ class StepSizeCalibrator:
         self.rel_floor = float(rel_floor)
         self.fit_offset = bool(fit_offset)
         self.offset_prior = float(offset_prior)
+        self.max_step = float(max_step)
         self.reset()
 
     _SUMS = ("sw", "sp", "spp", "sm", "spm")
@@ -131,12 +139,11 @@ class StepSizeCalibrator:
         if abs(p) * self.k_max <= 1e-15:
             return self.k  # no prediction, no information about k
         resid = abs(m - self.predict(p))
-        w, cap = 1.0, math.inf
-        if self.n_obs >= 2:
-            s = max(self.scale, self.rel_floor * abs(self.k * p))
-            cap = self.huber * s
-            if s > 0 and resid > cap:
-                w = cap / resid
+        # residual scale: the prior's own size |k p| before any data (k = k_init then), afterwards the
+        # running mean absolute residual; floored at rel_floor * |k p|. Guarded from the first pair on.
+        s = max(abs(self.k * p) if self.n_obs == 0 else self.scale, self.rel_floor * abs(self.k * p))
+        cap = self.huber * s
+        w = cap / resid if resid > cap else 1.0
         f = self.forget
         self.sw = f * self.sw + w
         self.sp = f * self.sp + w * p
@@ -148,7 +155,8 @@ class StepSizeCalibrator:
             k = (a11 * self.spm - self.sp * self.sm) / det if det > 0 else self.spm / self.spp
         else:
             k = self.spm / self.spp
-        self.k = min(max(k, self.k_min), self.k_max)
+        lo, hi = max(self.k_min, self.k / self.max_step), min(self.k_max, self.k * self.max_step)
+        self.k = min(max(k, lo), hi)
         if self.fit_offset:
             self.offset = (self.sm - self.k * self.sp) / (self.sw + self.offset_prior)
         post = min(abs(m - self.predict(p)), cap)  # an outlier does not inflate the scale
@@ -158,14 +166,14 @@ class StepSizeCalibrator:
 
     def state_dict(self) -> dict[str, float]:
         d = {x: getattr(self, x) for x in ("k", "offset", "scale", "k_init", "k_min", "k_max", "forget", "huber",
-                                          "rel_floor", "offset_prior", *self._SUMS)}
+                                          "rel_floor", "offset_prior", "max_step", *self._SUMS)}
         d["n_obs"] = float(self.n_obs)
         d["fit_offset"] = float(self.fit_offset)
         return d
 
     def load_state_dict(self, d: dict[str, float]) -> None:
         for key in ("k", "offset", "scale", "k_init", "k_min", "k_max", "forget", "huber", "rel_floor",
-                    "offset_prior", *self._SUMS):
+                    "offset_prior", "max_step", *self._SUMS):
             if key in d:
                 setattr(self, key, float(d[key]))
         self.n_obs = int(d.get("n_obs", 0))
@@ -364,6 +372,13 @@ class EntropyRejectionSampler:
         mask : bool, advantages' shape; off-mask entries are never accepted.
         rewards : raw rewards ``[N]`` / ``[B]`` (or advantages' shape); needed by ``exact_reference``.
 
+        Diagnostics describe what is trained on. Under ``exact_reference`` outside the band the sign
+        counts and accepted fractions are those of the raw rewards, and ``predicted_change`` rescales the
+        contributions (linear in each advantage) to the trained values, ``c_i A'_i / A_i``; samples with
+        ``A_i = 0`` but ``A'_i != 0`` cannot be predicted from ``c_i``: they are left out, counted in
+        ``unpredicted_samples``, and the step's pair is not used for calibration (§4.3).
+        ``predicted_change_all`` is the prediction of the given advantages, all accepted.
+
         Predictive algorithm (§4.4): ``s_i`` = item contribution / norm, ``S = sum_i s_i``,
         ``g = (target(t+1) - H) / k``. If ``S > g`` the wrong-way items are those with ``s_i > 0``,
         sorted by decreasing ``s_i``; rejecting the first ``m`` of them gives
@@ -395,6 +410,7 @@ class EntropyRejectionSampler:
         k, b = self.calibrator.k, self.calibrator.offset
         diag: dict[str, float | str] = {"mode": self.mode, "entropy": h, "step": float(step), "k": k, "offset": b}
         train_adv = torch.where(m, adv, torch.zeros_like(adv))
+        trains_on_rewards = False  # exact_reference outside the band: train_adv are the raw rewards
 
         if self.mode == "band":
             lo, up = self.band.lower(step), self.band.upper(step)  # type: ignore[union-attr]
@@ -407,6 +423,9 @@ class EntropyRejectionSampler:
                 item_r = self._reduce(raw, m)
                 keep = ((item_r > 0) if regime == "above" else (item_r < 0)) & valid
                 train_adv = torch.where(m, raw, torch.zeros_like(raw))
+                trains_on_rewards = True
+                # the signs that count are those of what is trained on: the raw rewards
+                pos, neg = (item_r > 0) & valid, (item_r < 0) & valid
             elif regime == "above":
                 keep = pos
             elif regime == "below":
@@ -440,10 +459,23 @@ class EntropyRejectionSampler:
             all_rejected=float(not bool(live)),
         )
         if s is not None:
-            p_acc = float(s[keep & valid].sum())
+            # contributions are linear in each sample's (token's) advantage: rescale them to what is
+            # trained on, c(A') = c(A) A'/A; where A = 0 but A' != 0 the contribution is unknown (§4.3)
+            s_train, unknown = s, None
+            if trains_on_rewards:
+                a64, t64 = adv.to(torch.float64), train_adv.to(torch.float64)
+                known = a64 != 0
+                ratio = torch.where(known, t64 / torch.where(known, a64, torch.ones_like(a64)), torch.zeros_like(a64))
+                s_train = self._reduce(contrib.to(torch.float64) * ratio, m) / norm
+                unknown = self._reduce((~known & (t64 != 0)).to(torch.float64), m) > 0
+            acc = keep & valid
+            n_unknown = int((unknown & acc).sum()) if unknown is not None else 0
+            p_acc = float(s_train[acc].sum())
             p_all = float(s[valid].sum())
-            diag.update(predicted_change=b + k * p_acc, predicted_change_all=b + k * p_all)
-            self._pending = p_acc
+            diag.update(predicted_change=b + k * p_acc, predicted_change_all=b + k * p_all,
+                        unpredicted_samples=float(n_unknown))
+            # a prediction that misses some trained samples would bias the calibration: skip that pair
+            self._pending = p_acc if n_unknown == 0 else None
         else:
             self._pending = None
         if not bool(live):
@@ -483,7 +515,7 @@ class EntropyRejectionSampler:
         r = rewards
         if not isinstance(r, Tensor):
             raise TypeError(f"rewards must be a torch.Tensor, got {type(r).__name__}")
-        r = r.to(adv.dtype)
+        r = r.to(device=adv.device, dtype=adv.dtype)
         check_float_tensor(r, "rewards")
         if r.shape == adv.shape:
             return r

@@ -132,8 +132,15 @@ class Schedule:
         return np.array([self(s) for s in steps], dtype=np.float64)
 
     def with_total_steps(self, total_steps: int) -> Schedule:
-        """The same schedule stretched over another horizon (piecewise breakpoints are kept)."""
-        return Schedule(self.kind, self.params, total_steps)
+        """The same schedule stretched over another horizon (piecewise breakpoints are kept).
+
+        A callable that knows how to re-target itself (the shifted centre of a ``CENTRE+-HALF``
+        band) is re-targeted too; any other callable is kept as it is (it maps steps, not progress).
+        """
+        params = self.params
+        if self.kind == "callable" and isinstance(params, _Shifted):
+            params = params.with_total_steps(total_steps)
+        return Schedule(self.kind, params, total_steps)
 
     def __str__(self) -> str:
         return self.spec
@@ -157,14 +164,18 @@ class Band:
     on the integer steps ``0..T`` of the longer horizon (sampled at 10 001 points when T is large).
     """
 
-    __slots__ = ("lower", "upper", "_spec")
+    __slots__ = ("lower", "upper", "_spec", "_centre")
 
-    def __init__(self, lower: Schedule, upper: Schedule, spec: str | None = None) -> None:
+    def __init__(
+        self, lower: Schedule, upper: Schedule, spec: str | None = None,
+        centre: tuple[Schedule, float] | None = None,
+    ) -> None:
         if not isinstance(lower, Schedule) or not isinstance(upper, Schedule):
             raise TypeError("Band(lower, upper) needs two Schedule objects (use parse_band for specs)")
         self.lower = lower
         self.upper = upper
         self._spec = spec
+        self._centre = centre  # (centre schedule, half width) of a CENTRE+-HALF band, else None
         horizon = max(lower.total_steps, upper.total_steps)
         steps = np.unique(np.round(np.linspace(0, horizon, min(horizon + 1, 10_001))))
         lo, up = lower.values(steps), upper.values(steps)
@@ -312,6 +323,9 @@ def parse_band(
     if isinstance(spec, Band):
         if width is not None:
             raise ValueError("width applies only to a centre schedule spec, not to a Band")
+        if spec._centre is not None:  # a CENTRE+-HALF band: stretch the centre, keep the half width
+            centre, half = spec._centre
+            return _centre_band(centre.with_total_steps(total_steps), half, total_steps, centre.spec)
         return Band(spec.lower.with_total_steps(total_steps), spec.upper.with_total_steps(total_steps))
     if isinstance(spec, tuple):
         if len(spec) != 2:
@@ -337,18 +351,26 @@ def parse_band(
         raise ValueError(f"band spec {str(spec)!r} is a centre schedule (no '..'); pass width=...")
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
         raise ValueError(f"band width must be a finite number > 0, got {width!r}")
-    half = float(width) / 2.0
+    return _centre_band(centre, float(width) / 2.0, total_steps, str(spec))
+
+
+def _centre_band(centre: Schedule, half: float, total_steps: int, what: str) -> Band:
+    """``centre -/+ half`` over ``total_steps``, canonical spec ``CENTRE+-HALF`` (re-targetable)."""
     lower = Schedule("callable", _Shifted(centre, -half), total_steps)
     upper = Schedule("callable", _Shifted(centre, half), total_steps)
     lows = centre.values(np.linspace(0, total_steps, min(total_steps + 1, 10_001))) - half
     if lows.min() < 0:
-        raise ValueError(f"band spec {str(spec)!r} with width {width}: lower bound goes negative "
+        raise ValueError(f"band spec {what!r} with width {2 * half}: lower bound goes negative "
                          f"({lows.min():.4g}); use a smaller width")
-    return Band(lower, upper, spec=f"{centre.spec}+-{_fmt(half)}")
+    return Band(lower, upper, spec=f"{centre.spec}+-{_fmt(half)}", centre=(centre, half))
 
 
 class _Shifted:
-    """``step -> centre(step) + offset`` (a picklable callable for centre/width bands)."""
+    """``step -> centre(step) + offset`` (a picklable callable for centre/width bands).
+
+    Re-targeting (:meth:`Schedule.with_total_steps`) stretches the centre, so a shifted bound
+    follows its centre to the new horizon.
+    """
 
     def __init__(self, centre: Schedule, offset: float) -> None:
         self.centre = centre
@@ -357,3 +379,14 @@ class _Shifted:
 
     def __call__(self, step: float) -> float:
         return max(self.centre(step) + self.offset, 0.0)
+
+    def with_total_steps(self, total_steps: int) -> _Shifted:
+        return _Shifted(self.centre.with_total_steps(total_steps), self.offset)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Shifted):
+            return NotImplemented
+        return (self.centre, self.offset) == (other.centre, other.offset)
+
+    def __hash__(self) -> int:
+        return hash((self.centre, self.offset))

@@ -78,3 +78,23 @@ def test_bad_input():
         compute_advantages(torch.ones(0, 3), "grpo")
     with pytest.raises(ValueError, match="eps"):
         compute_advantages(torch.ones(2, 2), "grpo", eps=0.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2, 4), (5,)])
+def test_no_tensor_is_made_on_the_default_device(shape):
+    """Groups of one included: every tensor is created on the rewards' device. With the default device
+    set to 'meta', a tensor made without ``device=`` would be a meta tensor and mixing it with the CPU
+    rewards raises."""
+    r = torch.arange(float(torch.Size(shape).numel())).reshape(shape) % 3
+    for estimator in ESTIMATORS:
+        expected, _ = compute_advantages(r, estimator)
+        with torch.device("meta"):
+            adv, _ = compute_advantages(r, estimator)
+        assert adv.device.type == "cpu" and torch.equal(adv, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_groups_of_one_on_cuda():
+    r = torch.tensor([[2.0], [-1.0]], device="cuda")
+    adv, info = compute_advantages(r, "grpo")
+    assert adv.device == r.device and info["zero_signal_groups"] == 0

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from entrotheory import entropy, entropy_change_contributions
+from entrotheory.advantages import compute_advantages
 from entrotheory.methods import METHODS, MethodPlan, make_method, masked_token_mean, token_covariance
 
 LOGITS = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
@@ -145,6 +146,22 @@ def test_entropy_bonus_raises_entropy():
     assert entropy_change(make_method("vanilla"), adv=zero) == 0.0
 
 
+def test_adaptive_entropy_bonus_updates_after_use():
+    """Skywork-OR1: at step k the bonus is c_k if H_k < target else 0; then c_{k+1} = c_k + delta below the
+    target, max(c_k - delta, 0) above it (c_0 = 0): the coefficient used is the one carried from before."""
+    m = make_method("adaptive-entropy-bonus", target=0.5, delta=0.01)
+    adv, lp, mask = torch.zeros(2, 1), torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool)
+    used, state = [], []
+    for step, h in enumerate([0.3, 0.3, 0.7, 0.7, 0.7, 0.2, 0.2]):
+        plan = m.prepare(adv, lp, lp, mask, h, step)
+        used.append(plan.entropy_coef)
+        state.append(plan.diagnostics["coef_state"])
+    assert used == pytest.approx([0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 0.01])
+    assert state == pytest.approx([0.01, 0.02, 0.01, 0.0, 0.0, 0.01, 0.02])
+    assert make_method("adaptive-entropy-bonus", target=0.5, delta=0.01, coef_max=0.015).prepare(
+        adv, lp, lp, mask, 0.3, 0).diagnostics["coef_state"] == pytest.approx(0.01)
+
+
 def test_adaptive_entropy_bonus_acts_only_below_target():
     h = float(entropy(LOGITS))
     van = entropy_change(make_method("vanilla"), steps=5)
@@ -171,11 +188,70 @@ def test_clip_cov_and_kl_cov_reduce_the_entropy_drop():
     kw = dict(lr=1.0, epochs=4, **COV_STATE)
     van = entropy_change(make_method("vanilla"), **kw)
     cc = entropy_change(make_method("clip-cov", ratio=0.25, lb=0.1, ub=5.0), **kw)
+    assert van < 0 and cc > van
+    # verl's KL-Cov trains every token on the unclipped -A r: its baseline is the same loss without the
+    # penalty (kl_coef = 0), which drops further than clipped vanilla; the penalty reduces that drop
     kc = entropy_change(make_method("kl-cov", ratio=0.25, kl_coef=1.0), **kw)
-    assert van < 0 and cc > van and kc > van
-    # KL-Cov does nothing in the first, on-policy epoch (|log pi - log pi_old| = 0 has zero gradient)
-    assert entropy_change(make_method("kl-cov", ratio=0.25, kl_coef=1.0), lr=1.0, **COV_STATE) == pytest.approx(
-        entropy_change(make_method("vanilla"), lr=1.0, **COV_STATE))
+    kc0 = entropy_change(make_method("kl-cov", ratio=0.25, kl_coef=0.0), **kw)
+    assert kc0 < van and kc > kc0
+    # with the clipped surrogate (verl_compat=False) the baseline is vanilla itself
+    assert entropy_change(make_method("kl-cov", ratio=0.25, kl_coef=1.0, verl_compat=False), **kw) > van
+    # KL-Cov does nothing in the first, on-policy epoch (|log pi - log pi_old| = 0 has zero gradient, and
+    # at r = 1 the unclipped and clipped surrogates have the same gradient)
+    for verl in (True, False):
+        assert entropy_change(make_method("kl-cov", ratio=0.25, kl_coef=1.0, verl_compat=verl), lr=1.0,
+                              **COV_STATE) == pytest.approx(entropy_change(make_method("vanilla"), lr=1.0, **COV_STATE))
+
+
+def _cov_batch():
+    """Six one-token samples with exact covariances: A = (1, 1, 1, -1, -1, -1) (mean 0), log pi - mean =
+    (1, 2, 3, -6, 0.5, -0.5) (mean -4), so cov = A (log pi - mean) = (1, 2, 3, 6, -0.5, 0.5)."""
+    adv = torch.tensor([1.0, 1, 1, -1, -1, -1], dtype=torch.float64).unsqueeze(-1)
+    lp = torch.tensor([-3.0, -2, -1, -10, -3.5, -4.5], dtype=torch.float64).unsqueeze(-1)
+    return adv, lp, torch.ones(6, 1, dtype=torch.bool)
+
+
+def test_clip_cov_matches_verl_strict_bounds_and_skips_ppo_clipped_tokens():
+    adv, lp, mask = _cov_batch()
+    assert torch.equal(token_covariance(adv, lp, mask).squeeze(-1), torch.tensor([1.0, 2, 3, 6, -0.5, 0.5],
+                                                                                   dtype=torch.float64))
+    # token 2 ran ahead: r = e^0.5 > 1 + eps_high with A > 0, so PPO already clips it (zero gradient)
+    old = lp.clone()
+    old[2] -= 0.5
+    # ratio 1: the budget max(1, int(ratio * 6)) = 6 covers every candidate, so detach = the candidate set
+    verl = make_method("clip-cov", ratio=1.0, lb=1.0, ub=6.0).prepare(adv, lp, old, mask, 0.5, 0)
+    assert verl.detach.squeeze(-1).tolist() == [False, True, False, False, False, False]  # 1 < cov < 6, unclipped
+    assert verl.diagnostics["num_candidates"] == 1.0 and verl.diagnostics["num_ppo_clipped"] == 1.0
+    ours = make_method("clip-cov", ratio=1.0, lb=1.0, ub=6.0, verl_compat=False).prepare(adv, lp, old, mask, 0.5, 0)
+    assert ours.detach.squeeze(-1).tolist() == [True, True, True, True, False, False]  # 1 <= cov <= 6
+    # a detached token has no gradient, the others keep theirs
+    m = make_method("clip-cov", ratio=1.0, lb=1.0, ub=6.0)
+    lp_g = lp.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(masked_token_mean(m.token_loss(verl, lp_g, old, mask), mask), lp_g)
+    assert grad[1].item() == 0.0 and grad[0].item() != 0.0 and grad[3].item() != 0.0
+    # the budget is drawn from the whole batch: ratio 1/6 -> one token among the candidates
+    one = make_method("clip-cov", ratio=1 / 6, lb=0.0, ub=10.0).prepare(adv, lp, lp, mask, 0.5, 0)
+    assert int(one.detach.sum()) == 1 and one.diagnostics["num_candidates"] == 5.0  # cov in (0, 10)
+
+
+def test_kl_cov_matches_verl_unclipped_surrogate():
+    adv, lp, mask = _cov_batch()
+    old = lp - 0.5  # every ratio e^0.5 = 1.65, outside the clip range
+    m = make_method("kl-cov", ratio=1 / 6, kl_coef=0.1)
+    plan = m.prepare(adv, lp, old, mask, 0.5, 0)
+    assert plan.kl_mask.squeeze(-1).tolist() == [False, False, False, True, False, False]  # top covariance
+    loss = m.token_loss(plan, lp, old, mask)
+    r = math.exp(0.5)
+    expect = -adv * r + 0.1 * 0.5 * plan.kl_mask  # verl: -A r everywhere (no clip), + kl_coef |log r| on top-cov
+    assert torch.allclose(loss, expect, atol=1e-12)
+    clipped = make_method("kl-cov", ratio=1 / 6, kl_coef=0.1, verl_compat=False)
+    loss_c = clipped.token_loss(clipped.prepare(adv, lp, old, mask, 0.5, 0), lp, old, mask)
+    assert loss_c[0].item() == pytest.approx(-1.2) and loss_c[3].item() == pytest.approx(r + 0.05)
+    with pytest.raises(ValueError, match="no PPO clip"):
+        make_method("kl-cov", eps_high=0.28)
+    make_method("kl-cov", eps_high=0.28, verl_compat=False)
+    with pytest.raises(TypeError, match="verl_compat"):
+        make_method("clip-cov", verl_compat="yes")
 
 
 def test_entropic_pushes_toward_its_target():
@@ -199,3 +275,38 @@ def test_entrocraft_band_and_predictive_push_toward_the_band():
     with pytest.raises(ValueError, match="needs contributions"):
         up.prepare(torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool),
                    0.5, 0)
+
+
+def test_acceptance_diagnostics_use_the_signs_of_what_is_trained_on():
+    # an all-correct group (GRPO advantage 0, raw +1) and a 2/4 group
+    r = torch.tensor([1.0, 1, 1, 1, 1, -1, -1, 1], dtype=torch.float64)
+    adv = compute_advantages(r.reshape(2, 4), "grpo")[0].reshape(-1, 1)
+    lp, mask = torch.zeros(8, 1, dtype=torch.float64), torch.ones(8, 1, dtype=torch.bool)
+    ref = make_method("entrocraft-band", band="constant:0.5..constant:0.6", total_steps=10, exact_reference=True)
+    plan = ref.prepare(adv, lp, lp, mask, 0.9, 0, rewards=r)  # above the band: raw rewards, negatives zeroed
+    assert plan.advantages.squeeze(-1).tolist() == [1.0, 1, 1, 1, 1, 0, 0, 1]
+    d = plan.diagnostics
+    assert (d["num_pos"], d["num_neg"], d["accepted_pos_fraction"], d["accepted_neg_fraction"]) == (6.0, 2.0, 1.0, 0.0)
+    inside = ref.prepare(adv, lp, lp, mask, 0.55, 0, rewards=r)  # inside: the GRPO advantages are trained on
+    assert (inside.diagnostics["num_pos"], inside.diagnostics["num_neg"]) == (2.0, 2.0)
+    nsr = make_method("nsr", source="rewards").prepare(adv, lp, lp, mask, 0.5, 0, rewards=r)
+    d = nsr.diagnostics
+    assert (d["num_pos"], d["accepted_pos_fraction"], d["accepted_neg_fraction"]) == (6.0, 0.0, 1.0)
+
+
+def test_methods_make_no_tensor_on_the_default_device():
+    """With the default device set to 'meta', a tensor made without ``device=`` would be a meta tensor and
+    mixing it with the CPU batch raises: every method keeps to the batch's device."""
+    adv, lp, mask = _cov_batch()
+    old = lp - 0.1
+    c = -adv * 0.01
+    r = adv.squeeze(-1).sign()
+    tok_h = torch.ones(6, 1, dtype=torch.float64)
+    for name in METHODS:
+        m = make_method(name, total_steps=10, ratio=0.5) if name in ("clip-cov", "kl-cov") else make_method(
+            name, total_steps=10)
+        with torch.device("meta"):
+            plan = m.prepare(adv, lp, old, mask, 0.55, 0, contributions=c, rewards=r)
+            loss = m.token_loss(plan, lp, old, mask, token_entropy=tok_h)
+            m.observe(-0.001)
+        assert loss.device.type == "cpu" and plan.accepted.device.type == "cpu", name

@@ -129,3 +129,37 @@ def test_band_errors():
         parse_band("constant:0.1", 10, width=0.5)
     with pytest.raises(ValueError, match="exactly one"):
         parse_band("constant:0.1..constant:0.2..constant:0.3", 10)
+
+
+def test_retargeting_a_centre_band_stretches_it_and_keeps_its_spec():
+    band = parse_band("linear:0.7->0.5", 100, width=0.1)
+    longer = parse_band(band, 200)
+    # the centre is stretched to the new horizon: at step 100 of 200 it is half-way, 0.6
+    assert longer.lower(100) == pytest.approx(0.55) and longer.upper(100) == pytest.approx(0.65)
+    assert longer.lower(200) == pytest.approx(0.45) and longer.upper(0) == pytest.approx(0.75)
+    assert longer.spec == band.spec == "linear:0.7->0.5+-0.05" and longer.total_steps == 200
+    again = parse_band(longer.spec, 200)  # the spec parses back (round trip)
+    for t in range(0, 201, 25):
+        assert again.lower(t) == pytest.approx(longer.lower(t)) and again.upper(t) == pytest.approx(longer.upper(t))
+    # its bounds stretch on their own too, and a pair of them re-targets like the band
+    assert band.lower.with_total_steps(200)(100) == pytest.approx(0.55)
+    pair = parse_band((band.lower, band.upper), 200)
+    assert pair.upper(100) == pytest.approx(0.65)
+    # re-targeting twice, and back, is consistent
+    assert parse_band(parse_band(band, 50), 100).lower(50) == pytest.approx(band.lower(50))
+
+
+def test_samplers_and_methods_retarget_a_centre_band():
+    from entrotheory.methods import make_method
+    from entrotheory.rejection import EntropyRejectionSampler
+
+    band = parse_band("linear:0.7->0.5", 100, width=0.1)
+    s = EntropyRejectionSampler(band, mode="band", total_steps=200)
+    assert s.band.lower(100) == pytest.approx(0.55) and s.band.upper(100) == pytest.approx(0.65)
+    assert s.state_dict()["target"] == "linear:0.7->0.5+-0.05"
+    p = EntropyRejectionSampler(band, mode="predictive", total_steps=200)
+    assert p.target_entropy(100) == pytest.approx(0.6)
+    w = EntropyRejectionSampler(parse_schedule("linear:0.7->0.5", 100), mode="band", total_steps=200, width=0.1)
+    assert w.band.upper(100) == pytest.approx(0.65)
+    m = make_method("entrocraft-band", band=band, total_steps=200)
+    assert m.sampler.band.lower(100) == pytest.approx(0.55) and m.sampler.band.spec == band.spec
