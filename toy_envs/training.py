@@ -1,0 +1,293 @@
+"""One GRPO-style training loop for the bandit and the token environment, batched over seeds.
+
+Each step, for all ``S`` seeds at once:
+
+1. sample ``G`` responses per prompt (``[S, P, G, T]``; a bandit answer is ``T = 1``);
+2. score them (+1 / -1) and turn rewards into advantages with any estimator of
+   :func:`entrotheory.advantages.compute_advantages` (per seed: ``[P, G]``);
+3. measure the entropy of every visited state before the update and the first-order
+   contributions of every sample (:meth:`ToyPolicy.contributions`, i.e. entrotheory);
+4. per seed, let the entropy method (:func:`entrotheory.methods.make_method`) prepare its plan
+   over that seed's whole batch and build its token loss; ``method=None`` trains the plain
+   policy-gradient loss ``-A log pi`` (exactly the update the theory describes);
+5. one optimiser step (SGD or Adam; ``rule="npg"`` applies the tabular natural gradient by
+   dividing each state's logit gradient by ``pi``) — repeated ``updates_per_batch`` times on the
+   same batch, as PPO epochs, so that ratio clipping can act;
+6. measure the entropy of the same states after the update.
+
+Objective and learning rate. Per seed the loss is the contract's token mean over the whole
+batch (rejected tokens keep their place in the normaliser) times the number of prompts ``P``,
+i.e. the sum over prompts of a per-prompt mean. With a tabular bandit policy and SGD, each
+prompt's logits therefore move by exactly ``lr * logit_update(z_p, y_p, A_p, rule)``.
+
+The entropy the methods see and the loop reports is the token mean over the batch's positions,
+``mean_{b,t} H(s_{b,t})``. Its first-order change is, per unit learning rate,
+``sum_{b,t} (n_{s(b,t)} / N_tok) c_{b,t}`` with ``c`` the per-position contributions of the
+*effective* advantages of the update (``-dLoss/dlog pi``, whatever the method's surrogate did
+to them) and ``n_s`` the number of batch positions that share the state (prompt, prefix). An
+entropy bonus adds ``predicted_entropy_change(z, w dH/dz)`` with ``w = -dLoss/dH_t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from entrotheory.advantages import compute_advantages
+from entrotheory.core import check_rule
+
+from .optim import SeedOptimizer
+from .policies import ToyPolicy
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+#: plan diagnostics recorded per step when the method reports them
+DIAGNOSTIC_KEYS = (
+    "accepted_fraction",
+    "accepted_pos_fraction",
+    "accepted_neg_fraction",
+    "target_entropy",
+    "lower",
+    "upper",
+    "entropy_coef",
+    "alpha",
+    "k",
+)
+
+
+def method_options(config: TrainConfig) -> dict[str, Any]:
+    """Options given to ``make_method``: the loop's ``rule``, ``lr`` and ``total_steps``, and, for
+    Entrocraft, ``contribution_norm="sum"`` (the loop's contributions are already per unit lr of
+    the batch's token-mean entropy, see the module docstring); ``config.method_options`` win."""
+    opts: dict[str, Any] = {"rule": config.rule, "lr": config.lr, "total_steps": config.steps}
+    if config.method is not None and config.method.startswith("entrocraft"):
+        opts["contribution_norm"] = "sum"
+    return opts | dict(config.method_options)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`.
+
+    Attributes
+    ----------
+    steps : training steps (batches).
+    group_size : G responses per prompt.
+    lr : learning rate.
+    optimizer : ``"sgd"`` or ``"adam"``.
+    rule : ``"pg"`` (plain logit gradient) or ``"npg"`` (tabular natural gradient); also the
+        rule of the contributions given to the method and of the prediction.
+    estimator : advantage estimator (``entrotheory.advantages.ESTIMATORS``).
+    method : entropy method name (``entrotheory.methods.METHODS``), or ``None`` for the plain
+        policy-gradient loss ``-A log pi``.
+    method_options : keyword options of ``make_method`` (e.g. ``schedule``, ``total_steps``).
+    updates_per_batch : optimiser steps per batch (PPO epochs; 1 = strictly on-policy).
+    eval_ks : k values of the recorded pass@k.
+    n_eval : samples per prompt for the expected number of distinct correct answers.
+    eval_every : evaluate every this many steps (NaN in between; 0 = only after training).
+    seed : seed of the sampling generator.
+    progress : show a tqdm progress bar over steps.
+    """
+
+    steps: int = 100
+    group_size: int = 8
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    rule: str = "pg"
+    estimator: str = "grpo"
+    method: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    updates_per_batch: int = 1
+    eval_ks: tuple[int, ...] = (1, 8, 64)
+    n_eval: int = 64
+    eval_every: int = 1
+    seed: int = 0
+    progress: bool = False
+
+
+@dataclass
+class TrainResult:
+    """History of a run: every entry of ``history`` is an array ``[steps, S]`` (one column per seed).
+
+    Keys: ``entropy`` (before the step's update), ``entropy_after``, ``measured`` (after - before,
+    same states), ``predicted`` (first-order prediction of the applied update(s), times lr),
+    ``predicted_vanilla`` (the same for the plain advantages, before the method), ``reward``,
+    ``skipped``, ``zero_signal_groups``, ``pass@k`` and ``distinct`` (policy at the start of the
+    step), ``diag/<key>`` (the method's diagnostics, NaN when absent). ``final`` holds the
+    evaluation metrics after the last step, ``[S]`` each.
+    """
+
+    config: TrainConfig
+    history: dict[str, np.ndarray]
+    final: dict[str, np.ndarray]
+
+    def mean(self, key: str) -> np.ndarray:
+        """Seed-mean curve ``[steps]`` of a history key."""
+        return np.nanmean(self.history[key], axis=1)
+
+
+def _token_stats_for(policy: ToyPolicy, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position entropy and visit weights ``n_s / N_tok`` (both ``[S, P, G, T]``)."""
+    ent = policy.entropy(tokens)
+    n_tok = tokens.shape[1] * tokens.shape[2] * tokens.shape[3]
+    return ent, policy.visit_counts(tokens) / n_tok
+
+
+def train(
+    policy: ToyPolicy, task: Any, config: TrainConfig, method_factory: Any = None
+) -> TrainResult:
+    """Train ``policy`` on ``task`` (see module docstring) and return its history.
+
+    Parameters
+    ----------
+    policy : a :class:`~toy_envs.policies.ToyPolicy` (modified in place).
+    task : the environment's task (``reward(tokens, generator)``, ``evaluate(policy, ks, n)``).
+    config : :class:`TrainConfig`.
+    method_factory : optional callable ``() -> method`` overriding ``config.method`` (one
+        independent method object is built per seed).
+    """
+    cfg = config
+    check_rule(cfg.rule)
+    if cfg.rule == "npg" and not policy.tabular:
+        raise ValueError("rule='npg' (tabular natural gradient) needs a tabular policy")
+    if cfg.updates_per_batch < 1:
+        raise ValueError(f"updates_per_batch must be >= 1, got {cfg.updates_per_batch}")
+    s_, p_, g_, t_ = policy.n_seeds, policy.n_prompts, cfg.group_size, policy.seq_len
+    b_, n_tok = p_ * g_, p_ * g_ * t_
+    scale = float(p_)  # sum over prompts of the per-prompt mean
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = SeedOptimizer(policy.parameters(), cfg.optimizer, cfg.lr)
+
+    methods: list[Any] | None = None
+    masked_token_mean = None
+    if method_factory is not None or cfg.method is not None:
+        from entrotheory.methods import make_method, masked_token_mean  # noqa: F811
+
+        if method_factory is None:
+            def method_factory() -> Any:
+                return make_method(cfg.method, **method_options(cfg))
+
+        methods = [method_factory() for _ in range(s_)]
+    needs_entropy = bool(methods and methods[0].needs_token_entropy)
+    mask = torch.ones(b_, t_, dtype=torch.bool)
+
+    hist: dict[str, list[np.ndarray]] = {}
+
+    def rec(key: str, value: Tensor | np.ndarray | list[float]) -> None:
+        hist.setdefault(key, []).append(np.asarray(value, dtype=np.float64).reshape(s_))
+
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=cfg.method or "pg", leave=False)
+    for step in bar:
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            for k, v in task.evaluate(policy, cfg.eval_ks, cfg.n_eval).items():
+                rec(k, v.numpy())
+        else:
+            for k in [f"pass@{k}" for k in cfg.eval_ks] + ["distinct"]:
+                rec(k, np.full(s_, np.nan))
+        tokens = policy.sample(g_, gen)  # [S, P, G, T]
+        rewards = task.reward(tokens, gen)  # [S, P, G]
+        adv_list, zero_sig = [], []
+        for s in range(s_):
+            a, info = compute_advantages(rewards[s], cfg.estimator)
+            adv_list.append(a)
+            zero_sig.append(info["zero_signal_groups"])
+        adv = torch.stack(adv_list)  # [S, P, G]
+        adv_tok = adv.unsqueeze(-1).expand(s_, p_, g_, t_).contiguous()
+        h_before, weight = _token_stats_for(policy, tokens)
+        h_mean = h_before.mean(dim=(1, 2, 3))  # [S]
+        # per-sample first-order contributions (per unit lr) to the batch token-mean entropy
+        contrib = policy.contributions(tokens, adv_tok, cfg.rule) * weight * (scale / n_tok)
+        pred_vanilla = contrib.sum(dim=(1, 2, 3)) * cfg.lr
+
+        plans: list[Any] = [None] * s_
+        active = torch.ones(s_, dtype=torch.bool)
+        old_lp: Tensor | None = None
+        predicted = torch.zeros(s_)
+        diags: dict[str, list[float]] = {k: [math.nan] * s_ for k in DIAGNOSTIC_KEYS}
+        for update in range(cfg.updates_per_batch):
+            lp, ht = policy.forward(tokens, with_entropy=needs_entropy)
+            lp.retain_grad()
+            if ht is not None:
+                ht.retain_grad()
+            if old_lp is None:
+                old_lp = lp.detach()
+            losses = []
+            for s in range(s_):
+                lp_s = lp[s].reshape(b_, t_)
+                olp_s = old_lp[s].reshape(b_, t_)
+                if methods is None:
+                    adv_s = adv_tok[s].reshape(b_, t_)
+                    losses.append(-(adv_s * lp_s).sum() / n_tok * scale)
+                    continue
+                if update == 0:
+                    plans[s] = methods[s].prepare(
+                        advantages=adv_tok[s].reshape(b_, t_),
+                        log_probs=lp_s.detach(),
+                        old_log_probs=olp_s,
+                        mask=mask,
+                        entropy=float(h_mean[s]),
+                        step=step,
+                        contributions=contrib[s].reshape(b_, t_),
+                        rewards=rewards[s].reshape(b_),
+                    )
+                    for k in DIAGNOSTIC_KEYS:
+                        val = plans[s].diagnostics.get(k)
+                        if isinstance(val, (int, float)) and not isinstance(val, bool):
+                            diags[k][s] = float(val)
+                    if plans[s].skip:
+                        active[s] = False
+                if not active[s]:
+                    continue
+                ht_s = ht[s].reshape(b_, t_) if ht is not None else None
+                loss_tok = methods[s].token_loss(plans[s], lp_s, olp_s, mask, token_entropy=ht_s)
+                losses.append(masked_token_mean(loss_tok, mask, n_tok) * scale)
+            if not losses:
+                break
+            torch.stack(losses).sum().backward()
+            # first-order prediction of this update, from the effective advantages it applied
+            if methods is None and update == 0:
+                # the plain on-policy PG loss: -dLoss/dlog pi = (P / N_tok) A, so the prediction is
+                # exactly the one already computed from the advantages
+                pred_u = contrib.sum(dim=(1, 2, 3))
+            else:
+                eff_adv = -lp.grad if lp.grad is not None else torch.zeros_like(lp)
+                pred_u = (policy.contributions(tokens, eff_adv, cfg.rule) * weight).sum(dim=(1, 2, 3))
+            if ht is not None and ht.grad is not None:
+                bonus = policy.bonus_contributions(tokens, -ht.grad, cfg.rule) * weight
+                pred_u = pred_u + bonus.sum(dim=(1, 2, 3))
+            predicted += torch.where(active, pred_u * cfg.lr, torch.zeros_like(pred_u))
+            if cfg.rule == "npg":
+                policy.precondition_npg()
+            opt.step(active)
+            opt.zero_grad()
+        for prm in policy.parameters():
+            if not bool(torch.isfinite(prm).all()):
+                raise FloatingPointError(f"non-finite parameters after step {step}")
+        with torch.no_grad():
+            h_after = policy.entropy(tokens).mean(dim=(1, 2, 3))
+        measured = h_after - h_mean
+        if methods is not None:
+            for s in range(s_):
+                if active[s]:
+                    methods[s].observe(float(measured[s]))
+        rec("entropy", h_mean.numpy())
+        rec("entropy_after", h_after.numpy())
+        rec("measured", measured.numpy())
+        rec("predicted", predicted.numpy())
+        rec("predicted_vanilla", pred_vanilla.numpy())
+        rec("reward", rewards.mean(dim=(1, 2)).numpy())
+        rec("skipped", (~active).float().numpy())
+        rec("zero_signal_groups", zero_sig)
+        for k, vals in diags.items():
+            rec(f"diag/{k}", vals)
+        if cfg.progress:
+            bar.set_postfix(H=f"{float(h_mean.mean()):.3f}", R=f"{float(rewards.mean()):.3f}")
+    final = {k: v.numpy().astype(np.float64) for k, v in task.evaluate(policy, cfg.eval_ks, cfg.n_eval).items()}
+    history = {k: np.stack(v) for k, v in hist.items()}
+    return TrainResult(cfg, history, final)
