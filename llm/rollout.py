@@ -1,0 +1,200 @@
+"""Batched, KV-cached sampling and the response-token forward pass, both sharing the prompt prefix.
+
+A GRPO batch is ``P`` prompts with ``G`` samples each (``B = P * G`` rows). The prompt is
+identical within a group, so both sampling and the training forward pass run the prompt once
+per *prompt* and reuse its key/value cache for the ``G`` responses (``Cache.batch_select_indices``).
+Gradients flow through the shared cache, so the result equals a full forward pass over
+prompt + response while costing ``P * L_prompt + B * L_response`` tokens instead of
+``B * (L_prompt + L_response)``. ``share_prefix=False`` runs the plain full forward instead.
+
+Token statistics for the entropy theory are taken from the sampling logits themselves, position
+by position (:func:`entrotheory.token_entropy_stats`), so no extra forward pass is needed for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from entrotheory import TokenEntropyStats, token_entropy_stats
+
+__all__ = ["Rollout", "encode_prompts", "generate", "response_logits", "response_log_probs"]
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids ``[P, L]`` and attention mask ``[P, L]`` (long)."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [[tokenizer.bos_token_id, *x] for x in ids]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("a prompt encodes to zero tokens")
+    length = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(x)) + x for x in ids], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in ids], dtype=torch.long, device=device)
+    return input_ids, mask
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.x renamed ``past_key_values`` to ``cache`` in forward(); support both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+@dataclass
+class Rollout:
+    """Sampled responses. ``tokens``/``mask`` ``[B, T]`` (right-padded; the stop token counts);
+    ``stats`` per-position statistics of the sampling policy ``softmax(logits / temperature)``;
+    ``prompt_index`` ``[B]`` maps rows to prompts."""
+
+    tokens: Tensor
+    mask: Tensor
+    stats: TokenEntropyStats
+    prompt_index: Tensor
+    texts: list[str]
+
+
+class _StopTokens:
+    """Decides whether a sampled token ends a response: EOS, or any token containing a newline."""
+
+    def __init__(self, tokenizer, stop_at_newline: bool) -> None:
+        self.tokenizer = tokenizer
+        self.newline = stop_at_newline
+        self.known: dict[int, bool] = {}
+        self.eos = {i for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)) if i is not None}
+
+    def __call__(self, token_ids: Tensor) -> Tensor:
+        out = torch.zeros(token_ids.shape, dtype=torch.bool)
+        for i, t in enumerate(token_ids.tolist()):
+            hit = self.known.get(t)
+            if hit is None:
+                hit = t in self.eos or (self.newline and "\n" in self.tokenizer.decode([t]))
+                self.known[t] = hit
+            out[i] = hit
+        return out.to(token_ids.device)
+
+
+def _sample(logits: Tensor, top_p: float, generator: torch.Generator) -> Tensor:
+    """Sample one token per row from ``softmax(logits)`` restricted to the top-p nucleus."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if probs.device.type != generator.device.type:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples: int, max_new_tokens: int,
+             temperature: float, top_p: float, generator: torch.Generator, stop_at_newline: bool,
+             autocast=None) -> Rollout:
+    """Sample ``samples`` responses per prompt with a KV cache; the prompt is run once per prompt.
+
+    Per-position statistics (log-prob of the sampled token, entropy, pg baseline) of the policy
+    ``softmax(logits / temperature)`` are collected from the same logits used for sampling.
+    """
+    device = prompt_ids.device
+    n_prompts = prompt_ids.shape[0]
+    batch = n_prompts * samples
+    stop = _StopTokens(tokenizer, stop_at_newline)
+    pad = tokenizer.pad_token_id
+    cache_kw = _cache_kwarg(model)
+    cache = _new_cache(model)
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    ctx = autocast() if autocast else _null()
+    with ctx:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    index = torch.arange(n_prompts, device=device).repeat_interleave(samples)
+    cache.batch_select_indices(index)
+    logits = out.logits[:, -1].float()[index] / temperature
+    attn = prompt_mask[index]
+    next_pos = positions[index, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, live, stats = [], [], []
+    for t in range(max_new_tokens):
+        tok = _sample(logits, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        alive = ~done
+        stats.append(token_entropy_stats(logits, tok, alive))
+        tokens.append(tok)
+        live.append(alive)
+        done = done | (alive & stop(tok))
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype, device=device)], dim=1)
+        with ctx:
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                        **{cache_kw: cache})
+        logits = out.logits[:, -1].float() / temperature
+        next_pos = next_pos + 1
+    tokens_t = torch.stack(tokens, 1)
+    mask = torch.stack(live, 1)
+    st = TokenEntropyStats(*(torch.stack([s[i] for s in stats], 1) for i in range(3)), mask)
+    texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(tokens_t, mask)]
+    return Rollout(tokens_t, mask, st, index, texts)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, tokens: Tensor,
+                    share_prefix: bool = True) -> Tensor:
+    """Logits ``[b, T, V]`` predicting each response token of the rows ``tokens`` ``[b, T]``.
+
+    ``prompt_index`` ``[b]`` names each row's prompt. With ``share_prefix`` the distinct prompts
+    are run once and their cache is gathered per row; gradients flow through it.
+    """
+    b, length = tokens.shape
+    if not share_prefix:
+        ids = torch.cat([prompt_ids[prompt_index], tokens], dim=1)
+        attn = torch.cat([prompt_mask[prompt_index], torch.ones_like(tokens)], dim=1)
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                    logits_to_keep=length + 1)
+        return out.logits[:, :length]
+    uniq, inverse = torch.unique(prompt_index, return_inverse=True)
+    p_ids, p_mask = prompt_ids[uniq], prompt_mask[uniq]
+    # drop columns that are padding in every selected prompt
+    first = int((p_mask.sum(0) > 0).nonzero()[0])
+    p_ids, p_mask = p_ids[:, first:], p_mask[:, first:]
+    pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(model)
+    cache = _new_cache(model)
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
+    head = out.logits[:, -1][inverse].unsqueeze(1)
+    if length == 1:
+        return head
+    cache.batch_select_indices(inverse)
+    attn = torch.cat([p_mask[inverse], torch.ones(b, length - 1, dtype=p_mask.dtype, device=p_mask.device)], 1)
+    rpos = pos[inverse, -1:] + 1 + torch.arange(length - 1, device=tokens.device)
+    out = model(input_ids=tokens[:, :-1], attention_mask=attn, position_ids=rpos, use_cache=True,
+                **{cache_kw: cache})
+    return torch.cat([head, out.logits], dim=1)
+
+
+def response_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log softmax(logits)[token]`` ``[b, T]`` in float32, with gradients."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,188 @@
+"""End-to-end tests of ``python -m llm.train`` with the smoke preset (tiny random model, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from entrotheory.methods import METHODS  # noqa: E402
+from llm import train as train_mod  # noqa: E402
+from llm.train import main  # noqa: E402
+
+VOLATILE = ("time_", "tokens_per_s")
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def run_cli(tmp_path: Path, name: str, *extra: str) -> tuple[int, Path]:
+    out = tmp_path / name
+    code = main(["--preset", "smoke", "--output-dir", str(out), *extra])
+    return code, out
+
+
+def test_full_train_step_end_to_end(tmp_path, capsys):
+    code, out = run_cli(tmp_path, "run", "--steps", "2", "--method", "entrocraft-band",
+                        "--schedule", "linear:1.5->1.0..linear:2.5->2.0", "--plot")
+    assert code == 0, capsys.readouterr().err
+    got = rows(out)
+    assert [r["step"] for r in got] == [0, 1, 2] and got[-1]["final"] is True
+    first = got[0]
+    for key in ("step", "entropy", "target_entropy", "predicted_entropy_change", "measured_entropy_change",
+                "reward_mean", "accepted_fraction", "pass_at_1", "pass_at_k", "tokens_per_s", "signal_fraction",
+                "calibration_factor", "kl_old_new", "time_generate"):
+        assert key in first, key
+    assert first.get("skipped") is None and first["measured_entropy_change"] != 0.0
+    assert 0.0 <= got[-1]["pass_at_1"] <= got[-1]["pass_at_k"] <= 1.0
+    ckpt = out / "checkpoint"
+    for f in ("model.safetensors", "optimizer.pt", "trainer_state.pt", "config.yaml"):
+        assert (ckpt / f).exists(), f
+    assert (out / "config.yaml").exists() and (out / "figure.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_measured"] >= 1
+    assert "entropy_end=" in capsys.readouterr().out
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    args = ("--steps", "4", "--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--eval-every", "2")
+    code, full = run_cli(tmp_path, "full", *args)
+    assert code == 0
+    code, part = run_cli(tmp_path, "part", *args, "--stop-after", "2")
+    assert code == 0
+    assert [r["step"] for r in rows(part)] == [0, 1]
+    assert main(["--resume", str(part)]) == 0
+    a, b = rows(full), rows(part)
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):
+        assert stable(ra) == stable(rb), (ra["step"], stable(ra), stable(rb))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(full / "checkpoint" / "model.safetensors"), load_file(part / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_runs(tmp_path, method):
+    code, out = run_cli(tmp_path, method, "--steps", "2", "--method", method, "--eval-prompts", "0",
+                        "--ppo-epochs", "2")
+    assert code == 0
+    got = [r for r in rows(out) if not r.get("final")]
+    assert len(got) == 2
+    assert all(r["accepted_fraction"] >= 0.0 for r in got)
+
+
+def test_all_rejected_step_is_skipped(tmp_path):
+    # raw advantages, every reward positive, band far above the entropy: only negatives would be kept
+    code, out = run_cli(tmp_path, "rej", "--steps", "2", "--method", "entrocraft-band", "--estimator", "raw",
+                        "--reward-wrong", "0.5", "--reward-correct", "1.0", "--schedule", "constant:8..constant:9",
+                        "--eval-prompts", "0")
+    assert code == 0
+    got = [r for r in rows(out) if not r.get("final")]
+    assert all(r["skipped"] == "all_rejected" and r["accepted_fraction"] == 0.0 for r in got)
+    assert all(r["measured_entropy_change"] == 0.0 for r in got)
+
+
+def test_nan_loss_is_skipped_then_stops(tmp_path, monkeypatch, capsys):
+    def nan_mean(loss_tok, mask, normalizer=None):
+        return (loss_tok * mask).sum() * float("nan")
+
+    monkeypatch.setattr(train_mod, "masked_token_mean", nan_mean)
+    code, out = run_cli(tmp_path, "nan", "--steps", "6", "--max-nan-steps", "2", "--eval-prompts", "0",
+                        "--estimator", "raw")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "NaN" in err and "checkpoint" in err and "Traceback" not in err
+    got = rows(out)
+    assert [r["skipped"] for r in got] == ["nan_loss", "nan_loss"]
+    assert (out / "checkpoint" / "model.safetensors").exists()
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model", "/no/such/model"], "/no/such/model"),
+        (["--schedule", "linear:0.7->", "--method", "entrocraft-band"], "linear:0.7->"),
+        (["--micro-batch-size", "7"], "micro_batch_size 7"),
+        (["--steps", "ten"], "'ten'"),
+        (["--method", "no-such-method"], "no-such-method"),
+        (["--estimator", "magic"], "magic"),
+        (["--task", "dataset"], "--dataset"),
+        (["--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+        (["--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
+        (["--resume", "/no/such/run"], "/no/such/run"),
+        (["--bogus-flag", "1"], "--bogus-flag"),
+        (["--method", "vanilla", "--schedule", "linear:0.7->0.5"], "vanilla"),
+        (["--pass-k", "9"], "pass_k 9"),
+    ],
+)
+def test_bad_input_one_line_errors(tmp_path, capsys, argv, needle):
+    code = main(["--preset", "smoke", "--output-dir", str(tmp_path / "bad"), *argv])
+    assert code == 2
+    assert needle in one_line_error(capsys)
+
+
+def test_malformed_dataset_lines(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    good = [json.dumps({"question": f"{i} + 1 =", "answer": f"#### {i + 1}"}) for i in range(12)]
+    data.write_text("\n".join([good[0], "{not json", good[1], json.dumps({"question": "x"}), *good[2:]]) + "\n")
+    code = main(["--preset", "smoke", "--output-dir", str(tmp_path / "strict"), "--dataset", str(data),
+                 "--dataset-errors", "error"])
+    assert code == 2
+    assert "data.jsonl:2" in one_line_error(capsys)
+    code = main(["--preset", "smoke", "--output-dir", str(tmp_path / "skip"), "--dataset", str(data),
+                 "--steps", "1", "--eval-prompts", "2"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "data.jsonl:2" in err and "data.jsonl:4" in err
+
+
+def test_existing_output_dir_is_refused(tmp_path, capsys):
+    code, out = run_cli(tmp_path, "twice", "--steps", "1", "--eval-prompts", "0")
+    assert code == 0
+    code, _ = run_cli(tmp_path, "twice", "--steps", "1")
+    assert code == 2 and "--resume" in one_line_error(capsys)
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 1\nsamples_per_prompt: 8\nmicro_batch_size: 8\neval_prompts: 0\n")
+    code, out = run_cli(tmp_path, "cfg", "--config", str(cfg), "--lr", "0.002")
+    assert code == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["steps"] == 1 and saved["samples_per_prompt"] == 8 and saved["lr"] == 0.002
+
+
+def test_kl_reference_exact_prediction_and_full_forward(tmp_path):
+    code, out = run_cli(tmp_path, "kl", "--steps", "1", "--kl-coef", "0.01", "--exact-first-order",
+                        "--eval-prompts", "2", "--no-share-prompt-prefix")
+    assert code == 0
+    first = rows(out)[0]
+    assert first.get("skipped") is None
+    assert "kl_ref" in first and "exact_predicted_entropy_change" in first and "pass_at_1" in first
+
+
+def test_countdown_task_runs(tmp_path):
+    code, out = run_cli(tmp_path, "cd", "--steps", "1", "--task", "countdown", "--max-new-tokens", "3",
+                        "--eval-prompts", "2")
+    assert code == 0
+    assert rows(out)[-1]["final"] is True
