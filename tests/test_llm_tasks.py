@@ -80,3 +80,15 @@ def test_dataset_task_uses_math_verify(tmp_path):
     assert task.score(gsm, "4 + 4 = 8, so the answer is 8.") and not task.score(gsm, "The answer is 9.")
     half = next(p for p in task.train_records + task.eval_records if "frac" in p.answer)
     assert task.score(half, "The answer is $\\boxed{0.5}$") and not task.score(half, "$\\boxed{2}$")
+
+
+def test_parquet_dataset_rows_are_loaded_and_bad_rows_reported(tmp_path):
+    import pandas as pd
+
+    from llm.tasks import load_records
+
+    path = tmp_path / "data.parquet"
+    pd.DataFrame({"prompt": ["What is 2+2?", "", "Half of 10?"], "answer": ["4", "1", "5"]}).to_parquet(path)
+    problems, warnings = load_records(path)
+    assert [p.prompt for p in problems] == ["What is 2+2?", "Half of 10?"]
+    assert len(warnings) == 1 and "row 1" in warnings[0] and "no prompt" in warnings[0]
