@@ -43,16 +43,29 @@ def _run_per_seed(policy, task, cfg) -> None:
         train(single, single_task, cfg)
 
 
-@pytest.mark.benchmark(group="toy-bandit-K1000-P1024-G8-S8")
-def test_bandit_vectorised(benchmark):
-    policy, task, cfg = _setup()
+SIZES = {  # the size, and the size the experiments run at
+    "K1000-P1024-G8-S8": (1000, 1024),
+    "K100-P64-G8-S8": (100, 64),
+}
+
+
+def _setup_size(k: int, prompts: int):
+    policy, task = make_bandit(BanditConfig(n_arms=k, n_prompts=prompts, n_seeds=SEEDS), seed=0)
+    return policy, task, TrainConfig(steps=STEPS, group_size=GROUP, lr=0.5, eval_every=0)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_bandit_vectorised(benchmark, size):
+    benchmark.group = f"toy-bandit-{size}"
+    policy, task, cfg = _setup_size(*SIZES[size])
     benchmark.pedantic(_run_vectorised, args=(policy, task, cfg), rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["steps_per_s"] = STEPS / benchmark.stats.stats.mean
 
 
-@pytest.mark.benchmark(group="toy-bandit-K1000-P1024-G8-S8")
-def test_bandit_per_seed_loop(benchmark):
-    policy, task, cfg = _setup()
+@pytest.mark.parametrize("size", list(SIZES))
+def test_bandit_per_seed_loop_baseline(benchmark, size):
+    benchmark.group = f"toy-bandit-{size}"
+    policy, task, cfg = _setup_size(*SIZES[size])
     benchmark.pedantic(_run_per_seed, args=(policy, task, cfg), rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["steps_per_s"] = STEPS / benchmark.stats.stats.mean
 

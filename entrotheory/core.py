@@ -38,6 +38,13 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def all_finite(x: Tensor) -> bool:
+    """True when every entry is finite. One reduction, no temporary: a NaN or inf makes the sum
+    non-finite; only when the sum is not finite (which a huge finite tensor can also cause) do we
+    run the exact element-wise check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_float_tensor(x: object, name: str, *, allow_empty: bool = False) -> Tensor:
     """Validate a floating tensor: type, dtype, finiteness. Returns it unchanged."""
     if not isinstance(x, Tensor):
@@ -46,7 +53,7 @@ def check_float_tensor(x: object, name: str, *, allow_empty: bool = False) -> Te
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     if x.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN/inf value(s); shape {tuple(x.shape)}")
     return x
@@ -154,7 +161,7 @@ def logit_update(logits: Tensor, actions: Tensor, advantages: Tensor, rule: str 
         return dz - weights.sum(-1, keepdim=True) * p
     inv_p = torch.exp(-logp.gather(-1, actions))
     dz = torch.zeros_like(p).scatter_add_(-1, actions, adv * inv_p / n)
-    if not bool(torch.isfinite(dz).all()):
+    if not all_finite(dz):
         worst = float(logp.gather(-1, actions).min())
         raise ValueError(
             f"npg logit update overflows {p.dtype}: a sampled action has log pi = {worst:.1f}, so 1/pi is "

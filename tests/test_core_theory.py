@@ -315,3 +315,20 @@ def test_bad_input_errors_name_the_problem():
         et.logit_update(torch.tensor([1e4, 0.0, -1e4]), torch.tensor([2]), torch.tensor([1.0]), "npg")
     with pytest.raises(ValueError, match="delta_logits shape"):
         et.predicted_entropy_change(z, z[..., :-1])
+
+
+def test_all_finite_fast_path_is_exact():
+    from entrotheory.core import all_finite
+
+    x = torch.randn(1000)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[17] = bad
+        assert not all_finite(y)
+    y = x.clone()
+    y[1], y[2] = float("inf"), float("-inf")  # the sum is NaN, the exact check decides
+    assert not all_finite(y)
+    huge = torch.full((10,), 3e38)  # finite entries whose float32 sum overflows
+    assert all_finite(huge)
+    assert all_finite(huge.to(torch.bfloat16))
