@@ -186,3 +186,31 @@ def test_countdown_task_runs(tmp_path):
                         "--eval-prompts", "2")
     assert code == 0
     assert rows(out)[-1]["final"] is True
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
+    """A real SIGINT to a running `python -m llm.train`: the step finishes, a checkpoint is written,
+    and --resume continues from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "llm.train", "--preset", "smoke", "--steps", "50",
+                             "--eval-every", "0", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    done = [r["step"] for r in rows(out)]
+    assert 1 <= len(done) < 50
+    assert (out / "checkpoint" / "model.safetensors").exists()
+    assert main(["--resume", str(out), "--steps", str(len(done) + 1)]) == 0
+    after = rows(out)
+    assert [r["step"] for r in after if not r.get("final")] == list(range(len(done) + 1))
+    assert after[-1].get("final") and after[-1]["step"] == len(done) + 1
