@@ -18,7 +18,7 @@ from .core import (
 from .methods import METHODS, MethodPlan, make_method, masked_token_mean
 from .rejection import EntropyRejectionSampler, Selection
 from .schedules import Band, Schedule, parse_band, parse_schedule
-from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats
+from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
 
 __all__ = [
     "RULES",
@@ -33,6 +33,7 @@ __all__ = [
     "TokenEntropyStats",
     "token_entropy_stats",
     "token_entropy_contributions",
+    "token_mean_entropy_change",
     "ESTIMATORS",
     "compute_advantages",
     "Schedule",

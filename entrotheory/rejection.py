@@ -227,9 +227,11 @@ class EntropyRejectionSampler:
         or ``"token"`` (each masked token separately).
     contribution_norm : ``"auto"`` (default), ``"sum"`` or ``"mean"``. The predicted change per
         unit ``k`` of an accepted set is ``sum(c_accepted) / norm``; ``"auto"`` uses ``norm = 1``
-        for 1-D input (``entropy_change_contributions`` already divides by N) and the number of
-        masked tokens for ``[B, T]`` input (per-token contributions of a token-mean loss whose
-        normaliser counts rejected tokens too); ``"mean"`` always divides by that count.
+        for 1-D input (``entropy_change_contributions`` already divides by N) and, for ``[B, T]``
+        input (per-token contributions as ``token_entropy_contributions`` returns them), the square
+        of the batch's masked-token count ``M``: the token-mean entropy of a token-mean loss whose
+        normaliser ``M`` counts rejected tokens too moves by ``sum(c) / M^2`` per unit lr
+        (``token_mean_entropy_change``, docs/theory.md eq. 3.3); ``"mean"`` divides by ``M`` once.
     """
 
     _OPTIONS = ("width", "exact_reference", "lr", "k_scale", "k_init", "k_min", "k_max", "forget", "huber",
@@ -348,6 +350,8 @@ class EntropyRejectionSampler:
     def _norm(self, advantages: Tensor, n_tok: float) -> float:
         if self.contribution_norm == "sum" or (self.contribution_norm == "auto" and advantages.ndim == 1):
             return 1.0
+        if self.contribution_norm == "auto":  # token-mean entropy under a token-mean loss: eq. 3.3
+            return max(n_tok, 1.0) ** 2
         return max(n_tok, 1.0)
 
     # ---------------------------------------------------------------------------- select

@@ -39,8 +39,10 @@ from pathlib import Path
 
 import torch
 
-from entrotheory import token_entropy_contributions, token_entropy_stats
+from entrotheory import entropy as policy_entropy
+from entrotheory import token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
 from entrotheory.advantages import ESTIMATORS, compute_advantages
+from entrotheory.core import all_finite
 from entrotheory.methods import METHODS, make_method, masked_token_mean
 
 from .config import TrainConfig, build_parser, config_from_args, method_options, save_yaml
@@ -215,7 +217,11 @@ class Trainer:
         P, G = cfg.prompts_per_step, cfg.samples_per_prompt
 
         # 1. sample, with per-token statistics of the sampling policy
-        prompt_ids, prompt_mask, roll = self._rollout(problems, G, cfg.temperature, self._generator("gen", step))
+        try:
+            prompt_ids, prompt_mask, roll = self._rollout(problems, G, cfg.temperature, self._generator("gen", step))
+        except (ValueError, RuntimeError) as exc:  # NaN/inf logits while sampling: the weights are broken
+            raise UserError(f"step {step}: sampling failed, the model produced invalid logits ({exc}); "
+                            f"resume from an earlier checkpoint with a lower --lr (now {cfg.lr})") from None
         mask, stats = roll.mask, roll.stats
         t_gen = time.perf_counter() - t0
 
@@ -253,11 +259,13 @@ class Trainer:
         for key in ("target_entropy", "lower", "upper", "regime", "k", "predicted_change", "entropy_coef", "alpha"):
             if key in diag:
                 row[renamed.get(key, key)] = diag[key]
+        lr_now = self.optimizer.param_groups[0]["lr"]
         if "calibration_k" in row:
-            row["calibration_factor"] = float(row["calibration_k"]) / cfg.lr
-        # per-position (logit-space) prediction for the advantages actually trained on, per unit lr = lr
+            row["calibration_factor"] = float(row["calibration_k"]) / lr_now
+        # per-position (logit-space) prediction of the token-mean entropy change for the advantages actually
+        # trained on, under the token-mean loss with the whole batch's normaliser (docs/theory.md eq. 3.3)
         c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule)
-        row["predicted_entropy_change"] = cfg.lr * masked_mean(c_plan, mask)
+        row["predicted_entropy_change"] = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
         if plan.skip:
             row.update(skipped="all_rejected" if diag.get("all_rejected") else "no_signal",
                        measured_entropy_change=0.0, predicted_entropy_change=0.0,
@@ -277,20 +285,22 @@ class Trainer:
         if cfg.exact_first_order:  # <dH/dtheta, theta_after - theta_before>, the parameter-space prediction
             theta0 = [p.detach().clone() for p in self.params]
             grad_h = [torch.zeros_like(p) for p in self.params]
-        self.model.train()
+        self.model.eval()  # dropout off: old log-probs, the update and the measured change see one policy
         for epoch in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for start in range(0, B, mb):
                 rows = slice(start, start + mb)
                 logits = self._logits(self.model, prompt_ids, prompt_mask, roll, rows)
+                if not all_finite(logits):  # skipped and reported like a NaN loss
+                    nan = True
+                    break
                 lp = response_log_probs(logits, roll.tokens[rows])
                 if epoch == 0:  # the pre-update policy on these contexts: old log-probs and entropy
                     old_lp[rows] = lp.detach()
                     h_before[rows] = token_entropy_stats(logits, roll.tokens[rows], mask[rows]).entropy
                 tok_ent = None
                 if self.method.needs_token_entropy or (cfg.exact_first_order and epoch == 0):
-                    logp_all = torch.log_softmax(logits, dim=-1)
-                    tok_ent = -(logp_all.exp() * logp_all).sum(-1)
+                    tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .> need it
                 if cfg.exact_first_order and epoch == 0:
                     h_mb = masked_token_mean(tok_ent, mask[rows], n_tok)
                     for acc, g in zip(grad_h, torch.autograd.grad(h_mb, self.params, retain_graph=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,12 @@ def test_each_method_runs(tmp_path, method):
     assert code == 0
     got = [r for r in rows(out) if not r.get("final")]
     assert len(got) == 2
-    assert all(r["accepted_fraction"] >= 0.0 for r in got)
+    assert all(0.0 <= r["accepted_fraction"] <= 1.0 for r in got)
+    trained = [r for r in got if not r.get("skipped")]
+    assert trained, "no step trained"
+    for r in trained:  # a real update happened and was measured
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+        assert math.isfinite(r["measured_entropy_change"]) and math.isfinite(r["predicted_entropy_change"])
 
 
 def test_all_rejected_step_is_skipped(tmp_path):

@@ -78,3 +78,19 @@ def test_exact_first_order_prediction_matches_measured_change(tmp_path, directio
     measured, exact = row["measured_entropy_change"], row["exact_predicted_entropy_change"]
     assert exact == pytest.approx(measured, rel=0.1)
     assert 1 < measured / row["predicted_entropy_change"]
+
+
+def test_nan_logits_in_the_update_skip_the_step(tmp_path, monkeypatch):
+    """NaN/inf logits in the training forward are routed to the NaN-skip path (no exception, no update)."""
+    cfg = validate(TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0}))
+    trainer = Trainer(cfg, Path(tmp_path))
+    before = [p.detach().clone() for p in trainer.params]
+    real = Trainer._logits
+
+    def broken(self, *args, **kwargs):
+        return real(self, *args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(Trainer, "_logits", broken)
+    row = trainer.train_step(0, rewards_override=lambda roll: torch.tensor([1.0, -1.0]).repeat(roll.mask.shape[0] // 2))
+    assert row["skipped"] == "nan_loss" and trainer.nan_streak == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import entrotheory as et
 from entrotheory import entropy_change_contributions
 from entrotheory.advantages import ESTIMATORS, compute_advantages
 from entrotheory.rejection import EntropyRejectionSampler, Selection, StepSizeCalibrator
@@ -132,7 +133,7 @@ def test_exact_reference_diagnostics_and_prediction_follow_the_trained_advantage
     mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False], [True, True, True]])
     tok = band_sampler(exact_reference=True)
     sel = tok.select(adv_t, 0.9, 0, contributions=-adv_t * phi, mask=mask, rewards=r2)
-    expect = float((-sel.advantages * phi)[mask].sum()) / int(mask.sum())
+    expect = float((-sel.advantages * phi)[mask].sum()) / int(mask.sum()) ** 2
     assert sel.diagnostics["predicted_change"] == pytest.approx(tok.k * expect, rel=1e-12)
 
 
@@ -209,12 +210,15 @@ def test_predictive_token_input_is_normalised_by_masked_tokens():
     mask = torch.tensor([[True, True], [True, False]])
     c = torch.tensor([[-0.3, -0.3], [0.3, 9.0]])  # the off-mask 9.0 must be ignored
     s = EntropyRejectionSampler("constant:2.0", mode="predictive", total_steps=10)
-    sel = s.select(adv, 2.0, 0, contributions=c, mask=mask)  # desired 0: keep both (sum -0.3/3)
-    assert sel.diagnostics["predicted_change_all"] == pytest.approx(-0.3 / 3)
+    # token-mean entropy under a token-mean loss over M = 3 masked tokens: sum(c) / M^2 (eq. 3.3)
+    sel = s.select(adv, 2.0, 0, contributions=c, mask=mask)  # desired 0: keep both (sum -0.3/9)
+    assert sel.diagnostics["predicted_change_all"] == pytest.approx(-0.3 / 9)
+    assert sel.diagnostics["predicted_change_all"] == pytest.approx(
+        float(et.token_mean_entropy_change(c, mask)))
     assert sel.accepted.tolist() == [[True, True], [True, False]]
     tok = EntropyRejectionSampler("constant:2.0", mode="predictive", total_steps=10, unit="token")
     sel = tok.select(adv, 2.0, 0, contributions=c, mask=mask)
-    # per token: sum -0.3; rejecting one -0.3/3 token reaches exactly 0
+    # per token: sum -0.3/9; rejecting one -0.3/9 token reaches exactly 0
     assert int(sel.accepted.sum()) == 2 and sel.diagnostics["predicted_change"] == pytest.approx(0.0, abs=1e-7)
 
 

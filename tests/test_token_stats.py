@@ -113,3 +113,32 @@ def test_strided_logits_are_never_copied_whole():
         assert torch.equal(a, b_)
     masked = et.token_entropy_stats(sliced, tokens, mask=tokens % 2 == 0, chunk_size=chunk)
     assert torch.equal(masked.entropy[tokens % 2 == 0], ref.entropy[tokens % 2 == 0])
+
+
+@pytest.mark.parametrize("rule", ["pg"])
+def test_token_mean_entropy_change_matches_an_sgd_step_on_free_logits(rule):
+    """Ground truth: every position has its own free logits; one SGD step on the token-mean loss
+    -sum_t A_t log pi(y_t) / N (N = masked tokens) changes the token-mean entropy by
+    lr * token_mean_entropy_change(c, mask) + O(lr^2): the residual shrinks 4x when lr halves."""
+    logits, tokens, mask, adv = make_batch(6, dtype=torch.float64)
+    stats = et.token_entropy_stats(logits, tokens, mask)
+    c = et.token_entropy_contributions(stats, adv, rule=rule)
+    predicted = float(et.token_mean_entropy_change(c, mask))
+    n = int(mask.sum())
+
+    def measured(lr: float) -> float:
+        z = logits.clone().requires_grad_(True)
+        lp = torch.log_softmax(z, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        loss = -(torch.where(mask, adv[:, None] * lp, 0.0)).sum() / n
+        (grad,) = torch.autograd.grad(loss, z)
+        before = et.entropy(logits)[mask].mean()
+        after = et.entropy(logits - lr * grad)[mask].mean()
+        return float(after - before)
+
+    lr = 0.05
+    residuals = [abs(measured(e) - e * predicted) for e in (lr, lr / 2)]
+    assert abs(residuals[0] / residuals[1] - 4.0) < 0.2
+    assert abs(measured(1e-4) / (1e-4 * predicted) - 1.0) < 1e-2
+    with pytest.raises(ValueError, match="mask shape"):
+        et.token_mean_entropy_change(c, mask[:, :2])
+    assert float(et.token_mean_entropy_change(c, torch.zeros_like(mask))) == 0.0
