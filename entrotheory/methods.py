@@ -37,6 +37,7 @@ __all__ = [
     "make_method",
     "masked_token_mean",
     "clipped_surrogate",
+    "ppo_clipped",
     "token_covariance",
 ]
 
@@ -87,7 +88,7 @@ def token_covariance(advantages: Tensor, log_probs: Tensor, mask: Tensor) -> Ten
     return torch.where(m, cov, torch.zeros_like(cov))
 
 
-def _ppo_clipped(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, eps_low: float,
+def ppo_clipped(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, eps_low: float,
                  eps_high: float) -> Tensor:
     """Tokens whose PPO term is on the clipped side: ``-A clip(r) > -A r`` (verl's ``clip_by_origin``).
 
@@ -447,7 +448,7 @@ class ClipCov(_CovMethod):
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         cov = token_covariance(adv, lp, mask)
         if self.verl_compat:
-            clipped = mask & _ppo_clipped(lp, old, adv, self.eps_low, self.eps_high)
+            clipped = mask & ppo_clipped(lp, old, adv, self.eps_low, self.eps_high)
             in_range = mask & ~clipped & (cov > self.lb) & (cov < self.ub)
         else:
             clipped = torch.zeros_like(mask)

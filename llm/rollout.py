@@ -13,6 +13,7 @@ by position (:func:`entrotheory.token_entropy_stats`), so no extra forward pass 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples:
     cache_kw = _cache_kwarg(model)
     cache = _new_cache(model)
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    ctx = autocast() if autocast else _null()
+    ctx = autocast() if autocast else contextlib.nullcontext()
     with ctx:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1, **{cache_kw: cache})
@@ -148,14 +149,6 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples:
     st = TokenEntropyStats(*(torch.stack([s[i] for s in stats], 1) for i in range(3)), mask)
     texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(tokens_t, mask)]
     return Rollout(tokens_t, mask, st, index, texts)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, tokens: Tensor,

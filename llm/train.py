@@ -43,7 +43,7 @@ from entrotheory import entropy as policy_entropy
 from entrotheory import token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
 from entrotheory.advantages import ESTIMATORS, compute_advantages
 from entrotheory.core import all_finite
-from entrotheory.methods import METHODS, make_method, masked_token_mean
+from entrotheory.methods import METHODS, make_method, masked_token_mean, ppo_clipped
 
 from .config import TrainConfig, build_parser, config_from_args, method_options, save_yaml
 from .errors import UserError
@@ -322,9 +322,7 @@ class Trainer:
                     break
                 loss.backward()
                 loss_sum += float(loss.detach()) / cfg.ppo_epochs
-                ratio = torch.exp(lp.detach() - old_lp[rows])
-                a = plan.advantages[rows]
-                clip = ((ratio > 1 + plan.eps_high) & (a > 0)) | ((ratio < 1 - plan.eps_low) & (a < 0))
+                clip = ppo_clipped(lp.detach(), old_lp[rows], plan.advantages[rows], plan.eps_low, plan.eps_high)
                 clipped += float((clip & mask[rows]).sum()) / n_tok / cfg.ppo_epochs
             if not nan:
                 limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf

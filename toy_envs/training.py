@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from entrotheory.advantages import compute_advantages
 from entrotheory.core import check_rule
+from entrotheory.methods import make_method, masked_token_mean
 
 from .optim import SeedOptimizer
 from .policies import ToyPolicy
@@ -165,10 +166,7 @@ def train(
     opt = SeedOptimizer(policy.parameters(), cfg.optimizer, cfg.lr)
 
     methods: list[Any] | None = None
-    masked_token_mean = None
     if method_factory is not None or cfg.method is not None:
-        from entrotheory.methods import make_method, masked_token_mean  # noqa: F811
-
         if method_factory is None:
             def method_factory() -> Any:
                 return make_method(cfg.method, **method_options(cfg))
