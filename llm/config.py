@@ -101,7 +101,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # the embedded SmolLM2-135M on few-shot addition: learning visible in ~20 minutes on 2 cores
     "cpu-demo": dict(
         model="embedded", task="arithmetic", arith_low=0, arith_high=14, method="entrocraft-predictive",
-        schedule="linear:0.85->0.65", calibration_prior=1e4, steps=50, prompts_per_step=8,
+        schedule="linear:0.85->0.65", calibration_prior=2e7, steps=50, prompts_per_step=8,
         samples_per_prompt=8, max_new_tokens=4, lr=2e-6, micro_batch_size=64, eval_every=10, eval_prompts=32,
         eval_samples=8, pass_k=8, checkpoint_every=10, output_dir="runs/cpu-demo",
     ),
@@ -109,7 +109,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # (then raise --max-new-tokens, e.g. 1024) for real reasoning data
     "gpu": dict(
         model="embedded", task="arithmetic", arith_low=0, arith_high=99, arith_operands=2, arith_ops="+-*",
-        method="entrocraft-band", schedule="linear:0.6->0.4..linear:0.7->0.5", calibration_prior=1e4, steps=500,
+        method="entrocraft-band", schedule="linear:0.6->0.4..linear:0.7->0.5", calibration_prior=2e7, steps=500,
         prompts_per_step=64, samples_per_prompt=8, max_new_tokens=8, lr=1e-6, micro_batch_size=128,
         kl_coef=0.001, eval_every=25, eval_prompts=256, eval_samples=16, pass_k=16, checkpoint_every=50,
         output_dir="runs/gpu",

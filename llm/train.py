@@ -81,6 +81,9 @@ def build_method(cfg: TrainConfig):
     if cfg.calibration_prior > 0 and "k_scale" in METHODS[cfg.method].OPTIONS:
         opts["k_scale"] = cfg.calibration_prior
     opts.update(method_options(cfg))
+    if cfg.method == "kl-cov" and cfg.ppo_epochs == 1:
+        print("warning: kl-cov's penalty |log pi - log pi_old| has zero gradient on the first, on-policy epoch; "
+              "with --ppo-epochs 1 it changes nothing but the clipping (use --ppo-epochs 2 or more)", file=sys.stderr)
     try:
         return make_method(cfg.method, **opts)
     except (TypeError, ValueError) as exc:
