@@ -35,3 +35,15 @@ def test_docs_site_builds_strictly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_llm_results_table_is_regenerated_from_the_saved_metrics():
+    """docs/llm.md quotes the table that docs/gen_llm_table.py makes from docs/data (cannot drift)."""
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_llm_table.py"))
+    data = ROOT / "docs" / "data"
+    text = gen["table"]([f"Entrocraft (predictive)={data / 'llm_entrocraft_metrics.jsonl'}",
+                         f"vanilla GRPO={data / 'llm_vanilla_metrics.jsonl'}",
+                         f"Entrocraft (band rule)={data / 'llm_band_metrics.jsonl'}"])
+    assert text in (ROOT / "docs" / "llm.md").read_text()
