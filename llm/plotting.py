@@ -84,7 +84,7 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str | None =
                 ax_r.plot(xe, ye, color=color, marker=marker, ms=4, ls="--" if key == "pass_at_k" else ":",
                           lw=1, label=f"{label}: held-out {name}")
     ax_h.set(xlabel="step", ylabel="token entropy (nats)", title="entropy and its target")
-    for ax, what in ((ax_p, "per-position prediction (lr x mean c_t)"),
+    for ax, what in ((ax_p, "per-position prediction, eq. 3.3 (lr x sum c_t / N^2)"),
                      (ax_e, "exact first-order <dH/dtheta, dtheta>")):
         ax.axhline(0, color="0.5", lw=0.6)
         ax.axvline(0, color="0.5", lw=0.6)
