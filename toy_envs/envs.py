@@ -61,6 +61,21 @@ def correct_ranks(n_correct: int, n_wrong: int, n_actions: int, regime: str) -> 
 
 
 # ============================================================================ tasks
+def exact_sampling_metrics(p_correct: Tensor, answer_probs: Tensor, ks: tuple[int, ...], n_eval: int
+                           ) -> dict[str, Tensor]:
+    """Exact expected metrics of fresh sampling, per seed ``[S]`` (mean over prompts).
+
+    ``p_correct`` ``[S, P]``: probability that one sample is correct; ``answer_probs`` ``[S, P, X]``:
+    probability of each distinct correct answer (0 for the others). ``pass@k = 1 - (1 - p)^k``;
+    ``distinct = sum_x 1 - (1 - pi_x)^n_eval``, the expected number of distinct correct answers among
+    ``n_eval`` samples.
+    """
+    p = p_correct.clamp(0.0, 1.0)
+    out = {f"pass@{k}": (1.0 - (1.0 - p) ** k).mean(-1).float() for k in ks}
+    out["distinct"] = (1.0 - (1.0 - answer_probs) ** n_eval).sum(-1).mean(-1).float()
+    return out
+
+
 class BanditTask:
     """Rewards of a bandit: a set of correct arms per prompt, or per-arm success rates.
 
@@ -97,11 +112,7 @@ class BanditTask:
         """
         pi = policy.probabilities().double()
         q = self.correct.double() if self.success is None else self.success.double()
-        p = (pi * q).sum(-1).clamp(0.0, 1.0)
-        out = {f"pass@{k}": (1.0 - (1.0 - p) ** k).mean(-1).float() for k in ks}
-        distinct = ((1.0 - (1.0 - pi) ** n_eval) * self.correct.double()).sum(-1)
-        out["distinct"] = distinct.mean(-1).float()
-        return out
+        return exact_sampling_metrics((pi * q).sum(-1), pi * self.correct.double(), ks, n_eval)
 
 
 class SequenceTask:
@@ -121,10 +132,7 @@ class SequenceTask:
     def evaluate(self, policy: TokenPolicy, ks: tuple[int, ...], n_eval: int) -> dict[str, Tensor]:
         """Exact ``pass@k`` and expected distinct correct answers (see :meth:`BanditTask.evaluate`)."""
         pc = policy.sequence_log_prob(self.answers).double().exp()  # [S, P, C]
-        p = pc.sum(-1).clamp(0.0, 1.0)
-        out = {f"pass@{k}": (1.0 - (1.0 - p) ** k).mean(-1).float() for k in ks}
-        out["distinct"] = (1.0 - (1.0 - pc) ** n_eval).sum(-1).mean(-1).float()
-        return out
+        return exact_sampling_metrics(pc.sum(-1), pc, ks, n_eval)
 
 
 # ============================================================================ constructors
