@@ -119,3 +119,13 @@ def test_experiments_cli_lists_all_experiments(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--fast" in capsys.readouterr().out
+
+
+def test_exact_sampling_metrics_hand_computed():
+    from toy_envs.envs import exact_sampling_metrics
+
+    answer_probs = torch.tensor([[[0.5, 0.25, 0.0]]], dtype=torch.float64)  # [S=1, P=1, X=3]
+    m = exact_sampling_metrics(answer_probs.sum(-1), answer_probs, ks=(1, 2), n_eval=2)
+    assert m["pass@1"].item() == pytest.approx(0.75)
+    assert m["pass@2"].item() == pytest.approx(1 - 0.25**2)
+    assert m["distinct"].item() == pytest.approx((1 - 0.5**2) + (1 - 0.75**2))
