@@ -26,12 +26,6 @@ from toy_envs.training import TrainConfig, train
 K, PROMPTS, GROUP, SEEDS, STEPS = 1000, 1024, 8, 8, 3
 
 
-def _setup():
-    policy, task = make_bandit(BanditConfig(n_arms=K, n_prompts=PROMPTS, n_seeds=SEEDS), seed=0)
-    cfg = TrainConfig(steps=STEPS, group_size=GROUP, lr=0.5, eval_every=0)
-    return policy, task, cfg
-
-
 def _run_vectorised(policy, task, cfg) -> None:
     train(policy, task, cfg)
 
@@ -72,7 +66,7 @@ def test_bandit_per_seed_loop_baseline(benchmark, size):
 
 def test_bandit_speedup_ratio(benchmark):
     """Times both side by side (interleaved, best of 3) and reports vectorised / per-seed steps/s."""
-    policy, task, cfg = _setup()
+    policy, task, cfg = _setup_size(K, PROMPTS)
     torch.set_num_threads(torch.get_num_threads())
     best = {"vectorised": float("inf"), "per_seed": float("inf")}
     for _ in range(3):
