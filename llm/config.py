@@ -63,7 +63,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     micro_batch_size: int = 64  # rows per forward/backward; the batch is B = prompts * samples rows
-    ppo_epochs: int = 1  # optimiser steps per batch (each over the whole batch)
+    ppo_epochs: int = 1  # passes over the batch per step
+    mini_batches: int = 1  # optimiser steps per pass: the batch split into this many mini-batches of whole groups
     kl_coef: float = 0.0  # KL to the initial policy (k3 estimator); 0 = no reference model
     # --- theory against practice
     measure_entropy_change: bool = True  # one extra no-grad forward of the updated policy per step
@@ -183,7 +184,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks with messages that name the bad value."""
     cfg.method = METHOD_ALIASES.get(cfg.method, cfg.method)
     positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size",
-                "ppo_epochs", "eval_samples", "pass_k", "max_nan_steps")
+                "ppo_epochs", "mini_batches", "eval_samples", "pass_k", "max_nan_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -197,6 +198,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"micro_batch_size {cfg.micro_batch_size} does not divide the batch of {rows} rows "
             f"(prompts_per_step {cfg.prompts_per_step} x samples_per_prompt {cfg.samples_per_prompt})"
         )
+    if cfg.prompts_per_step % cfg.mini_batches:
+        raise UserError(f"mini_batches {cfg.mini_batches} does not divide prompts_per_step {cfg.prompts_per_step} "
+                        f"(a mini-batch holds whole groups)")
     if cfg.pass_k > cfg.eval_samples:
         raise UserError(f"pass_k {cfg.pass_k} exceeds eval_samples {cfg.eval_samples}")
     if not cfg.temperature > 0 or not cfg.eval_temperature > 0:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from entrotheory import TokenEntropyStats, token_entropy_stats
 
-__all__ = ["Rollout", "encode_prompts", "generate", "response_logits", "response_log_probs"]
+__all__ = ["Rollout", "encode_prompts", "generate", "pad_rollout", "response_logits", "response_log_probs"]
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -87,24 +87,33 @@ class _StopTokens:
         return out.to(token_ids.device)
 
 
-def _sample(logits: Tensor, top_p: float, generator: torch.Generator) -> Tensor:
-    """Sample one token per row from ``softmax(logits)`` restricted to the top-p nucleus."""
+def _sample(logits: Tensor, top_p: float, generators: list[torch.Generator]) -> Tensor:
+    """Sample one token per row from ``softmax(logits)`` restricted to the top-p nucleus.
+
+    The rows form ``len(generators)`` equal groups (a prompt's samples), and group ``i`` draws from
+    ``generators[i]`` alone, so a group's tokens do not depend on which other groups share the batch
+    (the same prompt gives the same samples on one process or on rank ``r`` of ``N``).
+    """
     probs = torch.softmax(logits.float(), dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if probs.device.type != generator.device.type:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gen_device = generators[0].device
+    src = probs if probs.device.type == gen_device.type else probs.cpu()
+    out = torch.cat([torch.multinomial(part, 1, generator=g)
+                     for part, g in zip(src.chunk(len(generators)), generators)]).squeeze(-1)
+    return out.to(probs.device)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples: int, max_new_tokens: int,
-             temperature: float, top_p: float, generator: torch.Generator, stop_at_newline: bool,
+             temperature: float, top_p: float, generators: list[torch.Generator], stop_at_newline: bool,
              autocast=None) -> Rollout:
     """Sample ``samples`` responses per prompt with a KV cache; the prompt is run once per prompt.
+
+    ``generators`` holds one random generator per prompt (its samples draw from it alone).
 
     Per-position statistics (log-prob of the sampled token, entropy, pg baseline) of the policy
     ``softmax(logits / temperature)`` are collected from the same logits used for sampling.
@@ -112,6 +121,8 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples:
     device = prompt_ids.device
     n_prompts = prompt_ids.shape[0]
     batch = n_prompts * samples
+    if len(generators) != n_prompts:
+        raise ValueError(f"need one generator per prompt: {len(generators)} for {n_prompts} prompts")
     stop = _StopTokens(tokenizer, stop_at_newline)
     pad = tokenizer.pad_token_id
     cache_kw = _cache_kwarg(model)
@@ -129,7 +140,7 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples:
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, live, stats = [], [], []
     for t in range(max_new_tokens):
-        tok = _sample(logits, top_p, generator)
+        tok = _sample(logits, top_p, generators)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         alive = ~done
         stats.append(token_entropy_stats(logits, tok, alive))
@@ -149,6 +160,27 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, samples:
     st = TokenEntropyStats(*(torch.stack([s[i] for s in stats], 1) for i in range(3)), mask)
     texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(tokens_t, mask)]
     return Rollout(tokens_t, mask, st, index, texts)
+
+
+def pad_rollout(roll: Rollout, length: int, pad_id: int) -> Rollout:
+    """``roll`` right-padded to ``length`` positions (pad tokens, mask off, zero statistics).
+
+    Ranks of a distributed run sample responses of different lengths; padding every rank to the
+    longest gives the ``[B, T]`` layout a single process would have built for the whole batch.
+    """
+    extra = length - roll.tokens.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a rollout of {roll.tokens.shape[1]} positions to {length}")
+    if extra == 0:
+        return roll
+
+    def grow(t: Tensor, value: float | int | bool) -> Tensor:
+        return torch.cat([t, torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)], dim=1)
+
+    st = roll.stats
+    stats = TokenEntropyStats(grow(st.log_prob, 0.0), grow(st.entropy, 0.0), grow(st.pg_baseline, 0.0),
+                              grow(st.mask, False))
+    return Rollout(grow(roll.tokens, pad_id), grow(roll.mask, False), stats, roll.prompt_index, roll.texts)
 
 
 def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, tokens: Tensor,

@@ -29,26 +29,34 @@ import copy
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from entrotheory import (
+    TokenEntropyStats,
+    token_entropy_contributions,
+    token_entropy_stats,
+    token_mean_entropy_change,
+)
 from entrotheory import entropy as policy_entropy
-from entrotheory import token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
 from entrotheory.advantages import ESTIMATORS, compute_advantages
 from entrotheory.core import all_finite
-from entrotheory.methods import METHODS, make_method, masked_token_mean, ppo_clipped
+from entrotheory.methods import METHODS, MethodPlan, make_method, masked_token_mean, ppo_clipped
 
 from .config import TrainConfig, build_parser, config_from_args, method_options, save_yaml
+from .distributed import DistContext, init_distributed, shutdown
 from .errors import UserError
 from .models import load_model_and_tokenizer
-from .rollout import encode_prompts, generate, response_log_probs, response_logits
+from .rollout import Rollout, encode_prompts, generate, pad_rollout, response_log_probs, response_logits
 from .tasks import Problem, make_task, pass_at_k
 
 __all__ = ["Trainer", "main", "derive_seed", "summarize"]
@@ -65,7 +73,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(torch.where(mask, x, torch.zeros_like(x)).sum()) / n if n else 0.0
 
 
-def build_method(cfg: TrainConfig):
+def resolve_device(spec: str, dist: DistContext | None = None) -> torch.device:
+    """``auto`` -> ``cuda`` (this rank's card under torchrun) when available, else ``cpu``; UserError for
+    a device that is not a torch device or CUDA without CUDA."""
+    local = dist.local_rank if dist is not None else 0
+    if spec == "auto":
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"device {spec!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local}")
+    return device
+
+
+def build_method(cfg: TrainConfig, verbose: bool = True):
     """``make_method`` with the run's schedule, horizon, rule, learning rate and ``method_options``."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(METHODS)}")
@@ -81,7 +106,7 @@ def build_method(cfg: TrainConfig):
     if cfg.calibration_prior > 0 and "k_scale" in METHODS[cfg.method].OPTIONS:
         opts["k_scale"] = cfg.calibration_prior
     opts.update(method_options(cfg))
-    if cfg.method == "kl-cov" and cfg.ppo_epochs == 1:
+    if verbose and cfg.method == "kl-cov" and cfg.ppo_epochs == 1:
         print("warning: kl-cov's penalty |log pi - log pi_old| has zero gradient on the first, on-policy epoch; "
               "with --ppo-epochs 1 it changes nothing but the clipping (use --ppo-epochs 2 or more)", file=sys.stderr)
     try:
@@ -117,33 +142,118 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-class Trainer:
-    """Holds the model, optimiser, method and task of one run; :meth:`train_step` is one GRPO step."""
+class _ResponseForward(torch.nn.Module):
+    """The training forward (prompt once per group, then its samples) as one module call.
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+    DDP expects one forward per backward; :func:`~llm.rollout.response_logits` runs the model twice
+    (prompt with cache, then responses), so DDP wraps this module rather than the model.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, prompt_index, tokens, share_prefix: bool) -> torch.Tensor:
+        return response_logits(self.model, prompt_ids, prompt_mask, prompt_index, tokens, share_prefix)
+
+
+@dataclass
+class Batch:
+    """One step's samples. The token tensors are GLOBAL (``[B, T]`` over all ranks, identical on each);
+    ``prompt_ids``/``prompt_mask``/``roll`` are this rank's, padded to the global ``T``; ``rows`` are this
+    rank's rows of the global batch."""
+
+    problems: list[Problem]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    roll: Rollout
+    rows: slice
+    mask: torch.Tensor
+    stats: TokenEntropyStats
+    correct: torch.Tensor
+    answer_keys: list[str]
+    mini_batch: torch.Tensor
+    mini_batch_tokens: list[float]
+
+    @property
+    def local_mask(self) -> torch.Tensor:
+        return self.mask[self.rows]
+
+
+class FirstOrder:
+    """The exact first-order change ``<dH/dtheta, theta_after - theta_before>`` of the batch's token-mean
+    entropy (parameter space, known after the update; docs/theory.md): the entropy gradient accumulated
+    over micro-batches and summed over ranks, and the weights before the update."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.theta0 = [p.detach().clone() for p in params]
+        self.grad = [torch.zeros_like(p) for p in params]
+
+    def accumulate(self, h_part: torch.Tensor) -> None:
+        """Add the gradient of this micro-batch's share ``sum_t H_t / N`` of the token-mean entropy."""
+        for acc, g in zip(self.grad, torch.autograd.grad(h_part, self.params, retain_graph=True, allow_unused=True)):
+            if g is not None:
+                acc += g
+
+    def reduce(self, dist: DistContext) -> None:
+        dist.sum_tensors_(self.grad)
+
+    def predicted(self, params: list[torch.nn.Parameter]) -> float:
+        return float(sum((g * (p.detach() - p0)).sum() for g, p, p0 in zip(self.grad, params, self.theta0)))
+
+
+@dataclass
+class _Before:
+    """The pre-update policy on this rank's rows: log-probs and entropies ``[b, T]``, and the entropy
+    gradient for ``--exact-first-order``."""
+
+    log_prob: torch.Tensor
+    entropy: torch.Tensor
+    first_order: FirstOrder | None
+
+    def store(self, rows: torch.Tensor, log_prob: torch.Tensor, logits: torch.Tensor, batch: Batch,
+              token_entropy: torch.Tensor | None, n_tok: float) -> None:
+        mask = batch.local_mask[rows]
+        self.log_prob[rows] = log_prob
+        self.entropy[rows] = token_entropy_stats(logits.detach(), batch.roll.tokens[rows], mask).entropy
+        if self.first_order is not None:
+            self.first_order.accumulate(masked_token_mean(token_entropy, mask, n_tok))
+
+
+class Trainer:
+    """Holds the model, optimiser, method and task of one run; :meth:`train_step` is one GRPO step.
+
+    ``dist`` places the process in a ``torchrun`` job (default: a single process)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistContext | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.dist = dist or DistContext()
+        if cfg.prompts_per_step % (self.dist.world * cfg.mini_batches):
+            raise UserError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of processes "
+                            f"{self.dist.world} x mini_batches {cfg.mini_batches} (whole groups stay on one rank "
+                            f"and every mini-batch has the same number of prompts on each)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            try:
-                self.device = torch.device(cfg.device)
-            except RuntimeError:
-                raise UserError(f"device {cfg.device!r} is not a torch device (use auto, cpu, cuda or cuda:N)") \
-                    from None
-            if self.device.type == "cuda" and not torch.cuda.is_available():
-                raise UserError(f"device {cfg.device!r} requested but CUDA is not available")
-        self.method = build_method(cfg)
+        self.device = resolve_device(cfg.device, self.dist)
+        self.method = build_method(cfg, verbose=self.dist.is_main)
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
         self.model.to(self.device)
         self.task = make_task(cfg, self.tokenizer)
-        for w in getattr(self.task, "warnings", [])[:20]:
-            print(f"warning: {w}", file=sys.stderr)
+        if self.dist.is_main:
+            for w in getattr(self.task, "warnings", [])[:20]:
+                print(f"warning: {w}", file=sys.stderr)
         self.ref_model = None
         if cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        forward = _ResponseForward(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(forward, device_ids=ids)
+        self.train_forward = forward
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -165,86 +275,166 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _generator(self, *parts: object) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, *parts))
+    def _generators(self, purpose: str, step: int, first: int, count: int) -> list[torch.Generator]:
+        """One generator per prompt, seeded by (seed, purpose, step, the prompt's GLOBAL index): a prompt's
+        samples are the same whichever rank draws them and whatever else is in its batch."""
+        return [torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, purpose, step, i))
+                for i in range(first, first + count)]
 
-    def _rollout(self, problems: list[Problem], samples: int, temperature: float, gen: torch.Generator):
+    def _rollout(self, problems: list[Problem], samples: int, temperature: float, gens: list[torch.Generator]):
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [p.prompt for p in problems], self.device)
         self.model.eval()
         roll = generate(self.model, self.tokenizer, prompt_ids, prompt_mask, samples, self.cfg.max_new_tokens,
-                        temperature, self.cfg.top_p, gen, self.task.stop_at_newline, autocast=self.autocast)
+                        temperature, self.cfg.top_p, gens, self.task.stop_at_newline, autocast=self.autocast)
         return prompt_ids, prompt_mask, roll
 
-    def _logits(self, model, prompt_ids, prompt_mask, roll, rows: slice) -> torch.Tensor:
+    def _logits(self, model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[b, T, V]`` / temperature for this rank's rows ``rows`` (indices into its rows)."""
+        roll = batch.roll
         with self.autocast():
-            logits = response_logits(model, prompt_ids, prompt_mask, roll.prompt_index[rows], roll.tokens[rows],
-                                     self.cfg.share_prompt_prefix)
+            logits = model(batch.prompt_ids, batch.prompt_mask, roll.prompt_index[rows], roll.tokens[rows],
+                           self.cfg.share_prompt_prefix)
         return logits.float() / self.cfg.temperature
+
+    def _plain_logits(self, model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        return self._logits(_ResponseForward(model), batch, rows)
+
+    def _global_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """Masked mean over the whole batch of a per-token tensor of this rank's rows."""
+        total, count = self.dist.sum(float(torch.where(mask, x, torch.zeros_like(x)).sum()), float(mask.sum()))
+        return total / count if count else 0.0
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """pass@1 and pass@k (unbiased) on the held-out split, at ``eval_temperature``."""
+        """pass@1 and pass@k (unbiased) on the held-out split, at ``eval_temperature``; split over ranks."""
         cfg = self.cfg
         if not self.eval_problems:
             return {}
         t0 = time.perf_counter()
-        gen = self._generator("eval", step)
         n, k = cfg.eval_samples, cfg.pass_k
-        p1, pk, distinct, ent, ntok = [], [], [], 0.0, 0
+        share = -(-len(self.eval_problems) // self.dist.world)
+        lo = min(self.dist.rank * share, len(self.eval_problems))
+        mine = self.eval_problems[lo:lo + share]
+        p1 = pk = distinct = ent = 0.0
+        ntok = 0
         chunk = max(1, cfg.prompts_per_step * cfg.samples_per_prompt // n)
-        for i in range(0, len(self.eval_problems), chunk):
-            probs = self.eval_problems[i:i + chunk]
-            _, _, roll = self._rollout(probs, n, cfg.eval_temperature, gen)
+        for i in range(0, len(mine), chunk):
+            probs = mine[i:i + chunk]
+            _, _, roll = self._rollout(probs, n, cfg.eval_temperature,
+                                       self._generators("eval", step, lo + i, len(probs)))
             ent += float(torch.where(roll.mask, roll.stats.entropy, 0.0).sum())
             ntok += int(roll.mask.sum())
             for j, prob in enumerate(probs):
                 texts = roll.texts[j * n:(j + 1) * n]
                 ok = [self.task.score(prob, t) for t in texts]
                 c = sum(ok)
-                p1.append(c / n)
-                pk.append(pass_at_k(n, c, k))
-                distinct.append(len({self.task.answer_key(t) for t, o in zip(texts, ok) if o}))
-        return {"pass_at_1": sum(p1) / len(p1), "pass_at_k": sum(pk) / len(pk), "pass_k": float(k),
-                "eval_distinct_correct": sum(distinct) / len(distinct), "eval_entropy": ent / max(ntok, 1),
+                p1 += c / n
+                pk += pass_at_k(n, c, k)
+                distinct += len({self.task.answer_key(t) for t, o in zip(texts, ok) if o})
+        p1, pk, distinct, ent, ntok = self.dist.sum(p1, pk, distinct, ent, ntok)
+        m = len(self.eval_problems)
+        return {"pass_at_1": p1 / m, "pass_at_k": pk / m, "pass_k": float(k),
+                "eval_distinct_correct": distinct / m, "eval_entropy": ent / max(ntok, 1),
                 "time_eval": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ one GRPO step
     def train_step(self, step: int, rewards_override=None) -> dict[str, float | str]:
-        """One GRPO step; returns its metrics. ``rewards_override(rollout) -> [P, G]`` replaces the task's
-        rewards (tests build steps that must raise or lower entropy this way)."""
+        """One GRPO step: sample -> plan -> update -> measure; returns its metrics.
+
+        ``rewards_override(rollout) -> [P, G]`` replaces the task's rewards of this rank's prompts (tests
+        build steps that must raise or lower entropy this way)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, "torch", step))  # any randomness inside the method
-        problems = self.task.train_batch(cfg.prompts_per_step, random.Random(derive_seed(cfg.seed, "data", step)))
-        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
+        batch = self._sample(step)
+        t_gen = time.perf_counter() - t0
+        plan, row = self._plan(step, batch, rewards_override)
+        row["time_generate"] = t_gen
+        if plan.skip:
+            row.update(skipped="all_rejected" if plan.diagnostics.get("all_rejected") else "no_signal",
+                       measured_entropy_change=0.0, predicted_entropy_change=0.0)
+            self._scheduler_step()
+            return self._timed(row, t0)
+        t1 = time.perf_counter()
+        before, nan = self._update(batch, plan, row)
+        row["time_update"] = time.perf_counter() - t1
+        if nan:
+            self.nan_streak += 1
+            row.update(skipped="nan_loss", measured_entropy_change=0.0, nan_streak=self.nan_streak)
+            return self._timed(row, t0)
+        self.nan_streak = 0
+        if cfg.measure_entropy_change:
+            t2 = time.perf_counter()
+            self._measure(batch, before, row)
+            row["time_measure"] = time.perf_counter() - t2
+        return self._timed(row, t0)
 
-        # 1. sample, with per-token statistics of the sampling policy
+    def _timed(self, row: dict, t0: float) -> dict:
+        elapsed = time.perf_counter() - t0
+        row.update(time_step=elapsed, tokens_per_s=float(row["response_length"]) * self.cfg.prompts_per_step
+                   * self.cfg.samples_per_prompt / elapsed)
+        return row
+
+    def _sample(self, step: int) -> Batch:
+        """Phase 1: this rank's prompts sampled, scored, padded to the global length and gathered."""
+        cfg, d = self.cfg, self.dist
+        problems = self.task.train_batch(cfg.prompts_per_step, random.Random(derive_seed(cfg.seed, "data", step)))
+        local = cfg.prompts_per_step // d.world
+        first = d.rank * local
+        mine = problems[first:first + local]
+        G = cfg.samples_per_prompt
         try:
-            prompt_ids, prompt_mask, roll = self._rollout(problems, G, cfg.temperature, self._generator("gen", step))
+            prompt_ids, prompt_mask, roll = self._rollout(mine, G, cfg.temperature,
+                                                          self._generators("gen", step, first, local))
         except (ValueError, RuntimeError) as exc:  # NaN/inf logits while sampling: the weights are broken
             raise UserError(f"step {step}: sampling failed, the model produced invalid logits ({exc}); "
                             f"resume from an earlier checkpoint with a lower --lr (now {cfg.lr})") from None
-        mask, stats = roll.mask, roll.stats
-        t_gen = time.perf_counter() - t0
+        roll = pad_rollout(roll, int(d.max(roll.tokens.shape[1])), self.tokenizer.pad_token_id)
+        correct = torch.tensor([self.task.score(mine[i // G], text) for i, text in enumerate(roll.texts)])
+        keys = [self.task.answer_key(t) for t in roll.texts]
+        st = roll.stats
+        mask, log_prob, ent, base = (d.gather_rows(t) for t in (roll.mask, st.log_prob, st.entropy, st.pg_baseline))
+        keys_all = [k for part in d.gather_objects(keys) for k in part]
+        rows = slice(first * G, (first + local) * G)
+        # mini-batch of each global row: its prompt's global index modulo mini_batches (so the split does not
+        # depend on the number of processes), and the token count of each mini-batch over all ranks
+        minib = (torch.arange(mask.shape[0], device=self.device) // G) % cfg.mini_batches
+        n_mb = [float(mask[minib == m].sum()) for m in range(cfg.mini_batches)]
+        return Batch(problems, prompt_ids, prompt_mask, roll, rows, mask, TokenEntropyStats(log_prob, ent, base, mask),
+                     d.gather_rows(correct.to(self.device)).cpu(), keys_all, minib, n_mb)
 
-        # 2. rewards -> advantages -> contributions -> the method's plan (whole batch)
-        correct = torch.tensor([self.task.score(problems[i // G], text) for i, text in enumerate(roll.texts)])
+    def _plan(self, step: int, batch: Batch, rewards_override) -> tuple[MethodPlan, dict]:
+        """Phase 2, on the GLOBAL batch (identical on every rank): rewards -> advantages -> per-token
+        contributions -> the method's plan; the metrics of the batch and the predicted change."""
+        cfg = self.cfg
+        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
+        mask, stats = batch.mask, batch.stats
+        correct = batch.correct
         rewards = torch.where(correct, cfg.reward_correct, cfg.reward_wrong).reshape(P, G).float()
         if rewards_override is not None:
-            rewards = rewards_override(roll).reshape(P, G).float().cpu()
+            mine = rewards_override(batch.roll).reshape(-1).float().to(self.device)
+            rewards = self.dist.gather_rows(mine).cpu().reshape(P, G)
         adv, adv_info = compute_advantages(rewards, cfg.estimator)
         adv_tok = torch.where(mask, adv.reshape(-1, 1).to(self.device).expand_as(mask), 0.0)
         n_tok = int(mask.sum())
         entropy = masked_mean(stats.entropy, mask)
-        contrib = token_entropy_contributions(stats, adv_tok, mask, rule=cfg.rule)
+        # each token's loss is normalised by its mini-batch's token count N_m; scaling contributions by
+        # N / N_m lets the sampler and the prediction keep the whole batch's normaliser N (docs/scaling.md)
+        if cfg.mini_batches > 1:
+            n_mb = torch.tensor(batch.mini_batch_tokens, device=self.device).clamp(min=1)
+            scale = (n_tok / n_mb)[batch.mini_batch].unsqueeze(-1)
+        else:
+            scale = 1.0
+        contrib = token_entropy_contributions(stats, adv_tok, mask, rule=cfg.rule) * scale
         plan = self.method.prepare(advantages=adv_tok, log_probs=stats.log_prob, old_log_probs=stats.log_prob,
                                    mask=mask, entropy=entropy, step=step, contributions=contrib,
                                    rewards=rewards.reshape(-1).to(self.device))
         diag = plan.diagnostics
         groups_correct = correct.reshape(P, G)
-        distinct = [len({self.task.answer_key(roll.texts[p * G + g]) for g in range(G) if groups_correct[p, g]})
-                    for p in range(P)]
+        keys = batch.answer_keys
+        distinct = [len({keys[p * G + g] for g in range(G) if groups_correct[p, g]}) for p in range(P)]
+        lr_now = self.optimizer.param_groups[0]["lr"]
         row: dict[str, float | str] = {
             "step": step,
             "entropy": entropy,
@@ -256,124 +446,131 @@ class Trainer:
             "accepted_fraction": float(diag.get("accepted_fraction", 1.0)),
             "accepted_pos_fraction": float(diag.get("accepted_pos_fraction", 1.0)),
             "accepted_neg_fraction": float(diag.get("accepted_neg_fraction", 1.0)),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr_now,
         }
         renamed = {"k": "calibration_k", "predicted_change": "calibrated_predicted_change"}
-        for key in ("target_entropy", "lower", "upper", "regime", "k", "predicted_change", "entropy_coef", "alpha"):
+        for key in ("target_entropy", "lower", "upper", "regime", "k", "predicted_change", "entropy_coef", "alpha",
+                    "num_detached", "num_candidates", "num_kl_tokens"):
             if key in diag:
                 row[renamed.get(key, key)] = diag[key]
-        lr_now = self.optimizer.param_groups[0]["lr"]
         if "calibration_k" in row:
             row["calibration_factor"] = float(row["calibration_k"]) / lr_now
         # per-position (logit-space) prediction of the token-mean entropy change for the advantages actually
         # trained on, under the token-mean loss with the whole batch's normaliser (docs/theory.md eq. 3.3)
-        c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule)
+        c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule) * scale
         row["predicted_entropy_change"] = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
-        if plan.skip:
-            row.update(skipped="all_rejected" if diag.get("all_rejected") else "no_signal",
-                       measured_entropy_change=0.0, predicted_entropy_change=0.0,
-                       time_generate=t_gen, time_step=time.perf_counter() - t0,
-                       tokens_per_s=n_tok / (time.perf_counter() - t0))
-            self._scheduler_step()
-            return row
+        return plan, row
 
-        # 3. optimiser steps over micro-batches, normalised by the whole batch's token count
-        t1 = time.perf_counter()
-        B, T = mask.shape
-        old_lp = torch.zeros(B, T, device=self.device)
-        h_before = torch.zeros(B, T, device=self.device)
-        mb = cfg.micro_batch_size
-        loss_sum, clipped, kl_ref, nan = 0.0, 0.0, 0.0, False
-        grad_norm = 0.0
-        if cfg.exact_first_order:  # <dH/dtheta, theta_after - theta_before>, the parameter-space prediction
-            theta0 = [p.detach().clone() for p in self.params]
-            grad_h = [torch.zeros_like(p) for p in self.params]
+    def _update(self, batch: Batch, plan: MethodPlan, row: dict) -> tuple[_Before, bool]:
+        """Phase 3: ``ppo_epochs`` x ``mini_batches`` optimiser steps on this rank's rows, gradients summed
+        over ranks by DDP, each mini-batch's loss normalised by its token count over all ranks."""
+        cfg, d = self.cfg, self.dist
+        local_mask = batch.local_mask
+        B, T = local_mask.shape
+        plan_local = plan.rows(batch.rows)
+        minib = batch.mini_batch[batch.rows]
+        n_mb = batch.mini_batch_tokens
+        before = _Before(torch.zeros(B, T, device=self.device), torch.zeros(B, T, device=self.device),
+                         FirstOrder(self.params) if cfg.exact_first_order else None)
+        groups = [(minib == m).nonzero().squeeze(-1) for m in range(cfg.mini_batches)]
+        if cfg.mini_batches > 1:  # later mini-batches see an updated policy: take the old one first
+            self._record_before(batch, torch.arange(B, device=self.device), before, n_tok=sum(n_mb))
+        loss_sum = clipped = kl_ref = grad_norm = 0.0
+        nan = False
         self.model.eval()  # dropout off: old log-probs, the update and the measured change see one policy
+        steps = cfg.ppo_epochs * cfg.mini_batches
         for epoch in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            for start in range(0, B, mb):
-                rows = slice(start, start + mb)
-                logits = self._logits(self.model, prompt_ids, prompt_mask, roll, rows)
-                if not all_finite(logits):  # skipped and reported like a NaN loss
-                    nan = True
-                    break
-                lp = response_log_probs(logits, roll.tokens[rows])
-                if epoch == 0:  # the pre-update policy on these contexts: old log-probs and entropy
-                    old_lp[rows] = lp.detach()
-                    h_before[rows] = token_entropy_stats(logits, roll.tokens[rows], mask[rows]).entropy
-                tok_ent = None
-                if self.method.needs_token_entropy or (cfg.exact_first_order and epoch == 0):
-                    tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .> need it
-                if cfg.exact_first_order and epoch == 0:
-                    h_mb = masked_token_mean(tok_ent, mask[rows], n_tok)
-                    for acc, g in zip(grad_h, torch.autograd.grad(h_mb, self.params, retain_graph=True,
-                                                                  allow_unused=True)):
-                        if g is not None:
-                            acc += g
-                loss_tok = self.method.token_loss(plan.rows(rows), lp, old_lp[rows], mask[rows], token_entropy=tok_ent)
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref_lp = response_log_probs(self._logits(self.ref_model, prompt_ids, prompt_mask, roll, rows),
-                                                    roll.tokens[rows])
-                    d = ref_lp - lp
-                    kl_tok = torch.exp(d) - d - 1.0  # k3 estimator of KL(pi || pi_ref)
-                    loss_tok = loss_tok + cfg.kl_coef * kl_tok
-                    kl_ref += float(torch.where(mask[rows], kl_tok.detach(), 0.0).sum()) / n_tok / cfg.ppo_epochs
-                loss = masked_token_mean(loss_tok, mask[rows], n_tok)
-                if not torch.isfinite(loss):
-                    nan = True
-                    break
-                loss.backward()
-                loss_sum += float(loss.detach()) / cfg.ppo_epochs
-                clip = ppo_clipped(lp.detach(), old_lp[rows], plan.advantages[rows], plan.eps_low, plan.eps_high)
-                clipped += float((clip & mask[rows]).sum()) / n_tok / cfg.ppo_epochs
-            if not nan:
-                limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
-                nan = not math.isfinite(grad_norm)
-            if nan:
+            for m, idx in enumerate(groups):
                 self.optimizer.zero_grad(set_to_none=True)
+                n_tok = n_mb[m]
+                chunks = idx.split(cfg.micro_batch_size)
+                for c, rows in enumerate(chunks):
+                    sync = c == len(chunks) - 1 or not d.enabled
+                    with contextlib.nullcontext() if sync else self.train_forward.no_sync():
+                        logits = self._logits(self.train_forward, batch, rows)
+                        if not all_finite(logits):  # skipped like a NaN loss; the backward still joins DDP's
+                            nan = True
+                            (logits.sum() * 0.0).backward()
+                            continue
+                        lp = response_log_probs(logits, batch.roll.tokens[rows])
+                        first = epoch == 0 and cfg.mini_batches == 1
+                        tok_ent = None
+                        if self.method.needs_token_entropy or (first and before.first_order is not None):
+                            tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .>
+                        if first:
+                            before.store(rows, lp.detach(), logits, batch, tok_ent, n_tok)
+                        mrows = local_mask[rows]
+                        loss_tok = self.method.token_loss(plan_local.rows(rows), lp, before.log_prob[rows], mrows,
+                                                          token_entropy=tok_ent)
+                        if self.ref_model is not None:
+                            with torch.no_grad():
+                                ref_lp = response_log_probs(self._plain_logits(self.ref_model, batch, rows),
+                                                            batch.roll.tokens[rows])
+                            dlp = ref_lp - lp
+                            kl_tok = torch.exp(dlp) - dlp - 1.0  # k3 estimator of KL(pi || pi_ref)
+                            loss_tok = loss_tok + cfg.kl_coef * kl_tok
+                            kl_ref += float(torch.where(mrows, kl_tok.detach(), 0.0).sum()) / n_tok / steps
+                        loss = masked_token_mean(loss_tok, mrows, n_tok)
+                        nan |= not bool(torch.isfinite(loss))
+                        # DDP averages gradients over ranks; the loss is a sum over all ranks' tokens / N
+                        (loss * d.world if d.enabled else loss).backward()
+                    loss_sum += float(loss.detach()) / cfg.ppo_epochs
+                    clip = ppo_clipped(lp.detach(), before.log_prob[rows], plan_local.advantages[rows],
+                                       plan.eps_low, plan.eps_high)
+                    clipped += float((clip & mrows).sum()) / n_tok / steps
+                nan = d.any(nan, self.device)
+                if not nan:
+                    limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                    norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+                    grad_norm += norm / steps  # the mean over this step's optimiser steps
+                    nan = not math.isfinite(norm)
+                if nan:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    break
+                if before.first_order is not None and epoch == 0 and m == 0:
+                    before.first_order.reduce(d)
+                self.optimizer.step()
+            if nan:
                 break
-            self.optimizer.step()
         self._scheduler_step()
-        t_upd = time.perf_counter() - t1
-        row.update(loss=loss_sum, clip_fraction=clipped, grad_norm=grad_norm, time_generate=t_gen, time_update=t_upd)
+        loss_sum, clipped, kl_ref = d.sum(loss_sum, clipped, kl_ref)
+        row.update(loss=loss_sum, clip_fraction=clipped, grad_norm=grad_norm)
         if self.ref_model is not None:
             row["kl_ref"] = kl_ref
-        if cfg.exact_first_order and not nan:
-            row["exact_predicted_entropy_change"] = float(sum(
-                (g * (p.detach() - p0)).sum() for g, p, p0 in zip(grad_h, self.params, theta0)))
-            del theta0, grad_h
-        if nan:
-            self.nan_streak += 1
-            row.update(skipped="nan_loss", measured_entropy_change=0.0, nan_streak=self.nan_streak)
-            row.update(time_step=time.perf_counter() - t0, tokens_per_s=n_tok / (time.perf_counter() - t0))
-            return row
-        self.nan_streak = 0
+        if before.first_order is not None and not nan:
+            row["exact_predicted_entropy_change"] = before.first_order.predicted(self.params)
+        return before, nan
 
-        # 4. theory against practice: entropy of the updated policy on the same contexts
-        if cfg.measure_entropy_change:
-            t2 = time.perf_counter()
-            h_after = torch.zeros(B, T, device=self.device)
-            new_lp = torch.zeros(B, T, device=self.device)
-            self.model.eval()
-            with torch.no_grad():
-                for start in range(0, B, mb):
-                    rows = slice(start, start + mb)
-                    logits = self._logits(self.model, prompt_ids, prompt_mask, roll, rows)
-                    st = token_entropy_stats(logits, roll.tokens[rows], mask[rows])
-                    h_after[rows], new_lp[rows] = st.entropy, st.log_prob
-            measured = masked_mean(h_after, mask) - masked_mean(h_before, mask)
-            log_ratio = new_lp - old_lp
-            row["kl_old_new"] = masked_mean(torch.exp(log_ratio) - 1.0 - log_ratio, mask)
-            row["measured_entropy_change"] = measured
-            pred = float(row["predicted_entropy_change"])
-            row["measured_over_predicted"] = measured / pred if pred != 0 else float("nan")
-            self.method.observe(measured)
-            row["time_measure"] = time.perf_counter() - t2
-        elapsed = time.perf_counter() - t0
-        row.update(time_step=elapsed, tokens_per_s=n_tok / elapsed)
-        return row
+    @torch.no_grad()
+    def _record_before(self, batch: Batch, idx: torch.Tensor, before: _Before, n_tok: float) -> None:
+        """The pre-update policy on this rank's rows (old log-probs, entropies and, with
+        ``--exact-first-order``, the entropy gradient), before any optimiser step."""
+        for rows in idx.split(self.cfg.micro_batch_size):
+            with torch.enable_grad() if before.first_order is not None else contextlib.nullcontext():
+                logits = self._plain_logits(self.model, batch, rows)
+                tok_ent = policy_entropy(logits) if before.first_order is not None else None
+                before.store(rows, response_log_probs(logits, batch.roll.tokens[rows]).detach(), logits, batch,
+                             tok_ent, n_tok)
+
+    @torch.no_grad()
+    def _measure(self, batch: Batch, before: _Before, row: dict) -> None:
+        """Phase 4, theory against practice: the entropy of the updated policy on the same contexts."""
+        local_mask = batch.local_mask
+        B, T = local_mask.shape
+        h_after = torch.zeros(B, T, device=self.device)
+        new_lp = torch.zeros(B, T, device=self.device)
+        self.model.eval()
+        for rows in torch.arange(B, device=self.device).split(self.cfg.micro_batch_size):
+            logits = self._plain_logits(self.model, batch, rows)
+            st = token_entropy_stats(logits, batch.roll.tokens[rows], local_mask[rows])
+            h_after[rows], new_lp[rows] = st.entropy, st.log_prob
+        measured = self._global_mean(h_after, local_mask) - self._global_mean(before.entropy, local_mask)
+        log_ratio = new_lp - before.log_prob
+        row["kl_old_new"] = self._global_mean(torch.exp(log_ratio) - 1.0 - log_ratio, local_mask)
+        row["measured_entropy_change"] = measured
+        pred = float(row["predicted_entropy_change"])
+        row["measured_over_predicted"] = measured / pred if pred != 0 else float("nan")
+        self.method.observe(measured)
 
     def _scheduler_step(self) -> None:
         """One learning-rate schedule step per training step, also for skipped steps."""
@@ -383,10 +580,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, next_step: int) -> Path:
-        """Atomically write ``checkpoint/`` (safetensors weights + optimizer/scheduler + method + RNG)."""
+        """Atomically write ``checkpoint/`` (safetensors weights + optimizer/scheduler + method + RNG).
+
+        Written once, by rank 0: the replicas of a data-parallel run are identical, and the state holds no
+        number of processes, so any number of processes can resume it."""
         from safetensors.torch import save_model
 
         final = self.run_dir / "checkpoint"
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return final
         tmp = self.run_dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -405,6 +608,7 @@ class Trainer:
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return final
 
     def load_checkpoint(self, ckpt: Path) -> int:
@@ -532,7 +736,9 @@ def _progress(cfg: TrainConfig, start: int):
 
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the command line, train, evaluate, plot; returns the end-of-run summary."""
+    """Parse the command line, train, evaluate, plot; returns the end-of-run summary.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone writes files and shows progress."""
     args = build_parser().parse_args(argv)
     if args.resume:
         run_dir, ckpt = _resolve_resume(args.resume)
@@ -550,29 +756,47 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
             raise UserError(f"output directory {str(run_dir)!r} already holds a run; continue it with --resume "
                             f"{run_dir} or choose another --output-dir")
         ckpt = None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir)
+    dist = init_distributed(resolve_device(cfg.device).type)
+    try:
+        return _train(cfg, run_dir, ckpt, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext) -> dict[str, float]:
+    main_rank = dist.is_main
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, dist)
     start = trainer.load_checkpoint(ckpt) if ckpt is not None else 0
-    save_yaml(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
     rows = [r for r in _read_rows(metrics_path) if r["step"] < start]  # drop anything after the checkpoint
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scalars = _Scalars(run_dir, cfg.tensorboard)
-    bar = _progress(cfg, start)
+    dist.barrier()  # every rank has read the old metrics before rank 0 rewrites them
+    if main_rank:
+        save_yaml(cfg, run_dir / "config.yaml")
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scalars = _Scalars(run_dir, cfg.tensorboard and main_rank)
+    bar = _progress(cfg, start) if main_rank else None
     step = start
     done_here = 0
     finished = start >= cfg.steps
+    out = metrics_path.open("a") if main_rank else contextlib.nullcontext(None)
+
+    def emit(row: dict) -> None:
+        rows.append(_json_safe(row))
+        if main_rank:
+            out.write(json.dumps(rows[-1]) + "\n")
+            out.flush()
+            scalars.write(rows[-1])
+
     try:
-        with _StopFlag() as stop, metrics_path.open("a") as out:
+        with _StopFlag() as stop, out:
             for step in range(start, cfg.steps):
                 row: dict = {}
                 if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
                     row.update(trainer.evaluate(step))
                 row = {**trainer.train_step(step), **row}
-                rows.append(_json_safe(row))
-                out.write(json.dumps(rows[-1]) + "\n")
-                out.flush()
-                scalars.write(rows[-1])
+                emit(row)
                 done_here += 1
                 if bar is not None:
                     post = {"R": f"{row['reward_mean']:+.2f}", "H": f"{row['entropy']:.3f}",
@@ -588,33 +812,34 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
                     raise UserError(f"loss was NaN/inf on {trainer.nan_streak} consecutive steps (last: step {step}); "
                                     f"stopped with a checkpoint in {run_dir / 'checkpoint'}; try a lower --lr "
                                     f"(now {cfg.lr})")
-                if row.get("skipped") == "nan_loss":
+                if row.get("skipped") == "nan_loss" and main_rank:
                     print(f"warning: step {step}: NaN/inf loss, update skipped", file=sys.stderr)
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     trainer.save_checkpoint(step + 1)
-                if cfg.plot and cfg.plot_every and (step + 1) % cfg.plot_every == 0:
+                if main_rank and cfg.plot and cfg.plot_every and (step + 1) % cfg.plot_every == 0:
                     _plot(rows, run_dir, cfg)
                 finished = step + 1 == cfg.steps
-                if stop.requested or (cfg.stop_after and done_here >= cfg.stop_after):
+                # every rank stops at the same step, whichever received the interrupt
+                if dist.any(stop.requested or bool(cfg.stop_after and done_here >= cfg.stop_after),
+                            trainer.device):
                     break
             if finished:
-                final = {"step": cfg.steps, "final": True, **trainer.evaluate(cfg.steps)}
-                rows.append(_json_safe(final))
-                out.write(json.dumps(rows[-1]) + "\n")
-                scalars.write(rows[-1])
+                emit({"step": cfg.steps, "final": True, **trainer.evaluate(cfg.steps)})
                 trainer.save_checkpoint(cfg.steps)
             else:
                 trainer.save_checkpoint(step + 1)
-                print(f"stopped after step {step}; checkpoint in {run_dir / 'checkpoint'} "
-                      f"(continue with --resume {run_dir})", file=sys.stderr)
+                if main_rank:
+                    print(f"stopped after step {step}; checkpoint in {run_dir / 'checkpoint'} "
+                          f"(continue with --resume {run_dir})", file=sys.stderr)
     finally:
         if bar is not None:
             bar.close()
         scalars.close()
     summary = summarize(rows)
-    (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
-    if cfg.plot:
-        _plot(rows, run_dir, cfg)
+    if main_rank:
+        (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        if cfg.plot:
+            _plot(rows, run_dir, cfg)
     return summary
 
 
@@ -634,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the job
+        return 0
     keys = ("entropy_start", "entropy_end", "reward_start", "reward_end", "pass_at_1_end", "pass_at_k_end",
             "correlation", "slope", "calibration_factor_end", "signal_fraction", "seconds_per_step")
     print(" ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary))

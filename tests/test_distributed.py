@@ -1,0 +1,126 @@
+"""Data-parallel training: ``torchrun --nproc-per-node 2`` (gloo, CPU) against one process on the same
+global batch. Whole groups stay on one rank and every whole-batch statistic is gathered, so the two
+runs must make the same decisions (acceptances, regimes, Clip-Cov/KL-Cov selections), log the same
+values to float tolerance and end with the same weights; and a checkpoint of either resumes on the
+other (docs/scaling.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors.torch")
+
+from llm.train import main  # noqa: E402
+
+VOLATILE = ("time_", "tokens_per_s")
+# exact in both runs: decisions, counts and anything computed from integers
+DISCRETE = ("step", "final", "skipped", "regime", "accepted_fraction", "accepted_pos_fraction",
+            "accepted_neg_fraction", "num_detached", "num_candidates", "num_kl_tokens", "accuracy",
+            "reward_mean", "signal_fraction", "distinct_correct", "response_length", "pass_at_1", "pass_at_k",
+            "eval_distinct_correct", "lr", "target_entropy", "lower", "upper")
+
+
+def torchrun(out: Path, nproc: int, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "llm.train", "--preset", "smoke", "--output-dir", str(out), "--threads", "1", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def one_process(out: Path, *args: str) -> None:
+    assert main(["--preset", "smoke", "--output-dir", str(out), *args]) == 0
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def assert_same_runs(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        keys = {k for k in ra if not k.startswith(VOLATILE)}
+        assert keys == {k for k in rb if not k.startswith(VOLATILE)}, (ra["step"], keys ^ set(rb))
+        for k in sorted(keys):
+            x, y = ra[k], rb[k]
+            if k in DISCRETE or not isinstance(x, float):
+                assert x == y, (ra["step"], k, x, y)
+            elif x is not None and math.isfinite(x):
+                assert y == pytest.approx(x, rel=rel, abs=1e-9), (ra["step"], k, x, y)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa = safetensors.load_file(str(a / "checkpoint" / "model.safetensors"))
+    wb = safetensors.load_file(str(b / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    moved = 0.0
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((wa[k] - wb[k]).abs().max()))
+    assert moved < 1e-6
+
+
+CASES = {
+    # the predictive sampler on a schedule, several optimiser steps per batch, the exact first-order term
+    "entrocraft": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--mini-batches", "2",
+                   "--ppo-epochs", "2", "--exact-first-order"),
+    # whole-batch covariance selections (random detach for Clip-Cov; top fraction for KL-Cov)
+    "clip-cov": ("--method", "clip-cov", "--method-options", "{ratio: 0.2, lb: -10.0, ub: 10.0}"),
+    "kl-cov": ("--method", "kl-cov", "--method-options", "{ratio: 0.2}", "--ppo-epochs", "2", "--kl-coef",
+               "0.01"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_processes_make_the_decisions_of_one(tmp_path, case):
+    args = ("--steps", "3", "--eval-every", "2", *CASES[case])
+    one_process(tmp_path / "one", *args)
+    torchrun(tmp_path / "two", 2, *args)
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    trained = [r for r in a if "loss" in r]
+    assert trained, "no step trained: the comparison would be empty"
+    if case == "clip-cov":
+        assert any(r["num_detached"] > 0 for r in trained)
+    if case == "kl-cov":
+        assert any(r["num_kl_tokens"] > 0 for r in trained)
+    assert_same_runs(a, b)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_processes(tmp_path, first, then):
+    args = ("--steps", "4", "--eval-every", "2", "--method", "entrocraft-predictive", "--schedule",
+            "linear:2.0->1.5")
+    one_process(tmp_path / "full", *args)
+    run = tmp_path / "split"
+    if first == 1:
+        one_process(run, *args, "--stop-after", "2")
+    else:
+        torchrun(run, first, *args, "--stop-after", "2")
+    assert [r["step"] for r in rows(run)] == [0, 1]
+    if then == 1:
+        assert main(["--resume", str(run)]) == 0
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={then}",
+               "-m", "llm.train", "--resume", str(run)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_runs(rows(tmp_path / "full"), rows(run))
+    assert_same_weights(tmp_path / "full", run)
+
+
+def test_prompts_must_split_over_processes_and_mini_batches(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--output-dir", str(tmp_path / "x"), "--mini-batches", "3"]) == 2
+    assert "mini_batches 3 does not divide prompts_per_step 4" in capsys.readouterr().err
