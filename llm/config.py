@@ -82,6 +82,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on GPU (CPU always runs float32)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     share_prompt_prefix: bool = True  # run each prompt once per group (see llm/rollout.py)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the torchrun processes (FSDP2)
     checkpoint_every: int = 20  # 0 = only at the end / on Ctrl-C
     plot_every: int = 0  # write the figure every N steps (0 = only at the end)
     plot: bool = True

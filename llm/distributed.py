@@ -14,15 +14,17 @@ input unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistContext", "init_distributed", "shutdown"]
+__all__ = ["DistContext", "init_distributed", "local_tensor", "shard_model", "shutdown", "unsharded"]
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,15 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(device_type: str) -> DistContext:
+def init_distributed(device_type: str, need_group: bool = False) -> DistContext:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...).
 
     The backend is NCCL for CUDA and gloo for CPU. Without ``torchrun`` (or with ``WORLD_SIZE=1``) no
-    group is created and the context has world size 1.
+    group is created and the context has world size 1, unless ``need_group`` (FSDP needs one even for a
+    single process under ``torchrun --nproc-per-node 1``).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (need_group and "MASTER_ADDR" in os.environ):
         return DistContext()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -115,3 +118,40 @@ def shutdown(ctx: DistContext) -> None:
     """Leave the process group (end of run, or an error on every rank)."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- FSDP2
+def shard_model(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """FSDP2 (``fully_shard``): each decoder layer, then the whole model. Returns the sharded modules.
+    Parameters become ``DTensor`` shards (the optimizer must be built after them), and gradients are
+    averaged over ranks, as DDP's are."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return [*layers, model]
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Full weights on every rank for the duration (sampling): each rank then runs its own number of
+    forward passes (responses end at different lengths) with no collective inside them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP parameter or gradient); a plain tensor unchanged."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -53,7 +53,7 @@ from entrotheory.core import all_finite
 from entrotheory.methods import METHODS, MethodPlan, make_method, masked_token_mean, ppo_clipped
 
 from .config import TrainConfig, build_parser, config_from_args, method_options, save_yaml
-from .distributed import DistContext, init_distributed, shutdown
+from .distributed import DistContext, init_distributed, local_tensor, shard_model, shutdown, unsharded
 from .errors import UserError
 from .models import load_model_and_tokenizer
 from .rollout import Rollout, encode_prompts, generate, pad_rollout, response_log_probs, response_logits
@@ -142,6 +142,22 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _tied_duplicates(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied output embedding)."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in model.named_parameters()}
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module):
+    """FSDP2's counterpart of DDP's ``no_sync``: accumulate this micro-batch's gradients unreduced."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 class _ResponseForward(torch.nn.Module):
     """The training forward (prompt once per group, then its samples) as one module call.
 
@@ -183,24 +199,42 @@ class Batch:
 class FirstOrder:
     """The exact first-order change ``<dH/dtheta, theta_after - theta_before>`` of the batch's token-mean
     entropy (parameter space, known after the update; docs/theory.md): the entropy gradient accumulated
-    over micro-batches and summed over ranks, and the weights before the update."""
+    over micro-batches and summed over ranks, and the weights before the update.
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    Replicated weights (one process, DDP): ``torch.autograd.grad`` per micro-batch, then an all-reduce.
+    Sharded weights (FSDP): FSDP hands gradients only to ``.grad``, so the entropy is back-propagated on
+    its own before the update (:meth:`Trainer._record_before`) and each rank keeps the reduced gradient
+    of its shard; the inner product is summed over the shards."""
+
+    def __init__(self, params: list[torch.nn.Parameter], sharded: bool, loss_scale: float = 1.0) -> None:
         self.params = params
-        self.theta0 = [p.detach().clone() for p in params]
-        self.grad = [torch.zeros_like(p) for p in params]
+        self.sharded = sharded
+        self.loss_scale = loss_scale
+        self.theta0 = [local_tensor(p.detach()).clone() for p in params]
+        self.grad = [torch.zeros_like(t) for t in self.theta0]
 
     def accumulate(self, h_part: torch.Tensor) -> None:
         """Add the gradient of this micro-batch's share ``sum_t H_t / N`` of the token-mean entropy."""
+        if self.sharded:
+            (h_part * self.loss_scale).backward()
+            return
         for acc, g in zip(self.grad, torch.autograd.grad(h_part, self.params, retain_graph=True, allow_unused=True)):
             if g is not None:
                 acc += g
 
     def reduce(self, dist: DistContext) -> None:
-        dist.sum_tensors_(self.grad)
+        """Sum the gradient over ranks (replicated), or take this shard's reduced ``.grad`` (sharded)."""
+        if self.sharded:
+            for acc, p in zip(self.grad, self.params):
+                if p.grad is not None:
+                    acc.copy_(local_tensor(p.grad))
+        else:
+            dist.sum_tensors_(self.grad)
 
-    def predicted(self, params: list[torch.nn.Parameter]) -> float:
-        return float(sum((g * (p.detach() - p0)).sum() for g, p, p0 in zip(self.grad, params, self.theta0)))
+    def predicted(self, dist: DistContext) -> float:
+        local = float(sum((g * (local_tensor(p.detach()) - p0)).sum()
+                          for g, p, p0 in zip(self.grad, self.params, self.theta0)))
+        return dist.sum(local)[0] if self.sharded else local
 
 
 @dataclass
@@ -248,7 +282,18 @@ class Trainer:
         if cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         forward = _ResponseForward(self.model)
-        if self.dist.enabled:
+        self.sharded = cfg.fsdp
+        # DDP and FSDP average gradients over ranks; the loss (a sum over the whole batch's tokens / N) is
+        # scaled by the number of processes so that they sum them
+        self.loss_scale = float(self.dist.world)
+        if cfg.fsdp:
+            if not torch.distributed.is_initialized():
+                raise UserError("--fsdp shards over the processes of a torchrun job: start it with torchrun "
+                                "(--nproc-per-node 1 is fine)")
+            self.fsdp_modules = shard_model(self.model)
+            if self.ref_model is not None:
+                shard_model(self.ref_model)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -284,9 +329,18 @@ class Trainer:
     def _rollout(self, problems: list[Problem], samples: int, temperature: float, gens: list[torch.Generator]):
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [p.prompt for p in problems], self.device)
         self.model.eval()
-        roll = generate(self.model, self.tokenizer, prompt_ids, prompt_mask, samples, self.cfg.max_new_tokens,
-                        temperature, self.cfg.top_p, gens, self.task.stop_at_newline, autocast=self.autocast)
+        with unsharded(self.model) if self.sharded else contextlib.nullcontext():
+            roll = generate(self.model, self.tokenizer, prompt_ids, prompt_mask, samples, self.cfg.max_new_tokens,
+                            temperature, self.cfg.top_p, gens, self.task.stop_at_newline, autocast=self.autocast)
         return prompt_ids, prompt_mask, roll
+
+    def _gradient_sync(self, last: bool):
+        """Reduce gradients over ranks on the last micro-batch of an optimiser step only."""
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.sharded:
+            return _fsdp_no_sync(self.model)
+        return self.train_forward.no_sync()
 
     def _logits(self, model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[b, T, V]`` / temperature for this rank's rows ``rows`` (indices into its rows)."""
@@ -471,10 +525,17 @@ class Trainer:
         minib = batch.mini_batch[batch.rows]
         n_mb = batch.mini_batch_tokens
         before = _Before(torch.zeros(B, T, device=self.device), torch.zeros(B, T, device=self.device),
-                         FirstOrder(self.params) if cfg.exact_first_order else None)
+                         FirstOrder(self.params, self.sharded, self.loss_scale) if cfg.exact_first_order else None)
         groups = [(minib == m).nonzero().squeeze(-1) for m in range(cfg.mini_batches)]
-        if cfg.mini_batches > 1:  # later mini-batches see an updated policy: take the old one first
+        # later mini-batches see an updated policy, and FSDP's entropy gradient needs a backward of its own:
+        # then the old policy is taken in a pass of its own before the first optimiser step
+        separate = cfg.mini_batches > 1 or (self.sharded and before.first_order is not None)
+        if separate:
+            self.optimizer.zero_grad(set_to_none=True)  # FSDP's entropy gradient lands in .grad
             self._record_before(batch, torch.arange(B, device=self.device), before, n_tok=sum(n_mb))
+            if before.first_order is not None:
+                before.first_order.reduce(d)
+                self.optimizer.zero_grad(set_to_none=True)
         loss_sum = clipped = kl_ref = grad_norm = 0.0
         nan = False
         self.model.eval()  # dropout off: old log-probs, the update and the measured change see one policy
@@ -485,15 +546,14 @@ class Trainer:
                 n_tok = n_mb[m]
                 chunks = idx.split(cfg.micro_batch_size)
                 for c, rows in enumerate(chunks):
-                    sync = c == len(chunks) - 1 or not d.enabled
-                    with contextlib.nullcontext() if sync else self.train_forward.no_sync():
+                    with self._gradient_sync(c == len(chunks) - 1):
                         logits = self._logits(self.train_forward, batch, rows)
                         if not all_finite(logits):  # skipped like a NaN loss; the backward still joins DDP's
                             nan = True
                             (logits.sum() * 0.0).backward()
                             continue
                         lp = response_log_probs(logits, batch.roll.tokens[rows])
-                        first = epoch == 0 and cfg.mini_batches == 1
+                        first = epoch == 0 and not separate
                         tok_ent = None
                         if self.method.needs_token_entropy or (first and before.first_order is not None):
                             tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .>
@@ -512,8 +572,7 @@ class Trainer:
                             kl_ref += float(torch.where(mrows, kl_tok.detach(), 0.0).sum()) / n_tok / steps
                         loss = masked_token_mean(loss_tok, mrows, n_tok)
                         nan |= not bool(torch.isfinite(loss))
-                        # DDP averages gradients over ranks; the loss is a sum over all ranks' tokens / N
-                        (loss * d.world if d.enabled else loss).backward()
+                        (loss * self.loss_scale).backward()
                     loss_sum += float(loss.detach()) / cfg.ppo_epochs
                     clip = ppo_clipped(lp.detach(), before.log_prob[rows], plan_local.advantages[rows],
                                        plan.eps_low, plan.eps_high)
@@ -521,13 +580,14 @@ class Trainer:
                 nan = d.any(nan, self.device)
                 if not nan:
                     limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                    norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+                    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                     grad_norm += norm / steps  # the mean over this step's optimiser steps
                     nan = not math.isfinite(norm)
                 if nan:
                     self.optimizer.zero_grad(set_to_none=True)
                     break
-                if before.first_order is not None and epoch == 0 and m == 0:
+                if before.first_order is not None and epoch == 0 and m == 0 and not separate:
                     before.first_order.reduce(d)
                 self.optimizer.step()
             if nan:
@@ -538,7 +598,7 @@ class Trainer:
         if self.ref_model is not None:
             row["kl_ref"] = kl_ref
         if before.first_order is not None and not nan:
-            row["exact_predicted_entropy_change"] = before.first_order.predicted(self.params)
+            row["exact_predicted_entropy_change"] = before.first_order.predicted(d)
         return before, nan
 
     @torch.no_grad()
@@ -587,15 +647,32 @@ class Trainer:
         from safetensors.torch import save_model
 
         final = self.run_dir / "checkpoint"
+        if self.sharded:  # full (unsharded) state dicts, gathered by every rank, kept by rank 0
+            from safetensors.torch import save_file
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.model, options=opts)
+            optim = {"fqn": get_optimizer_state_dict(self.model, self.optimizer, options=opts)}
+        else:
+            optim = self.optimizer.state_dict()
         if not self.dist.is_main:
             self.dist.barrier()
             return final
         tmp = self.run_dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(self.model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        if self.sharded:
+            tied = _tied_duplicates(self.model)
+            save_file({k: v.contiguous() for k, v in weights.items() if k not in tied}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+        else:
+            save_model(self.model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
         state = {"next_step": next_step, "method": self.method.state_dict(), "nan_streak": self.nan_streak,
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if torch.cuda.is_available():
@@ -613,16 +690,34 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: Path) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the step to continue from."""
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         try:
-            load_model(self.model, str(ckpt / "model.safetensors"), device=str(self.device))
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                weights = load_file(str(ckpt / "model.safetensors"))
+                missing = set(self.model.state_dict()) - set(weights)
+                if missing - _tied_duplicates(self.model):
+                    raise KeyError(f"missing weights {sorted(missing)[:3]}")
+                set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            else:
+                load_model(self.model, str(ckpt / "model.safetensors"), device=str(self.device))
             opt = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
             state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, KeyError) as exc:
             raise UserError(f"checkpoint {str(ckpt)!r} is unreadable or belongs to another model: "
                             f"{str(exc).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(opt["optimizer"])
+        if self.sharded != ("fqn" in opt["optimizer"]):
+            raise UserError(f"checkpoint {str(ckpt)!r} was written {'without' if self.sharded else 'with'} --fsdp; "
+                            f"resume it the same way (any number of processes)")
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, opt["optimizer"]["fqn"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         try:
             self.method.load_state_dict(state["method"])
@@ -756,7 +851,7 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
             raise UserError(f"output directory {str(run_dir)!r} already holds a run; continue it with --resume "
                             f"{run_dir} or choose another --output-dir")
         ckpt = None
-    dist = init_distributed(resolve_device(cfg.device).type)
+    dist = init_distributed(resolve_device(cfg.device).type, need_group=cfg.fsdp)
     try:
         return _train(cfg, run_dir, ckpt, dist)
     finally:

@@ -51,7 +51,8 @@ def test_prompt_prefix_sharing_matches_full_forward():
     tok = make_smoke_tokenizer()
     model = make_smoke_model(len(tok), seed=3)
     ids, mask = encode_prompts(tok, ["1 + 2 = ", "13 + 4 = ", "9 = "], torch.device("cpu"))
-    roll = generate(model, tok, ids, mask, 4, 3, 1.0, 1.0, [torch.Generator().manual_seed(i) for i in range(ids.shape[0])], True)
+    gens = [torch.Generator().manual_seed(i) for i in range(ids.shape[0])]
+    roll = generate(model, tok, ids, mask, 4, 3, 1.0, 1.0, gens, True)
     shared = response_logits(model, ids, mask, roll.prompt_index, roll.tokens, share_prefix=True)
     full = response_logits(model, ids, mask, roll.prompt_index, roll.tokens, share_prefix=False)
     m = roll.mask
