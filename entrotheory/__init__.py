@@ -16,6 +16,15 @@ from .core import (
     second_order_entropy_change,
 )
 from .methods import METHODS, MethodPlan, make_method, masked_token_mean
+from .param_space import (
+    ParamSpaceContributions,
+    StepPreconditioner,
+    adam_preconditioner,
+    first_order_entropy_change,
+    param_space_contributions,
+    preconditioner_from_optimizer,
+    sgd_preconditioner,
+)
 from .rejection import EntropyRejectionSampler, Selection
 from .schedules import Band, Schedule, parse_band, parse_schedule
 from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
@@ -46,4 +55,11 @@ __all__ = [
     "MethodPlan",
     "make_method",
     "masked_token_mean",
+    "ParamSpaceContributions",
+    "StepPreconditioner",
+    "adam_preconditioner",
+    "sgd_preconditioner",
+    "preconditioner_from_optimizer",
+    "param_space_contributions",
+    "first_order_entropy_change",
 ]

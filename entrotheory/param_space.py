@@ -1,0 +1,575 @@
+"""Per-token entropy contributions in parameter space, before the update (docs/theory.md, section 5).
+
+The per-position theory of :mod:`entrotheory.tokens` treats every position's logits as a free
+table. A network shares its parameters ``theta`` between positions, so a step moves every
+position's logits. This module works with ``theta`` itself. It needs only a callable
+``logits_fn(params) -> logits [..., V]``, e.g. built with :func:`torch.func.functional_call`::
+
+    names = [n for n, _ in model.named_parameters()]
+    logits_fn = lambda ps: torch.func.functional_call(model, dict(zip(names, ps)), (ids,)).logits
+
+Notation (eq. 5.1-5.3). ``Hbar(theta)`` is the token-mean entropy over the ``M`` masked positions; the
+loss is ``L = -(1/N) sum_t A_t log pi(y_t)``; the optimiser's coming step is a linear map of the loss
+gradient ``g``, ``dtheta = drift_step - G g`` (:class:`StepPreconditioner`; ``G = lr P`` for SGD,
+``G = lr (1 - beta1) / bc1 P`` with ``P = 1 / (sqrt(vhat) + eps)`` for Adam). Then
+
+    ``s_t = <G grad Hbar, grad log pi(y_t)>``,  ``c_t = (A_t / N) s_t``,  ``drift = <grad Hbar, drift_step>``,
+
+and the first-order change of the step is ``dHbar ~= drift + sum_t c_t`` (exact for the linearised
+step, error ``O(lr^2)``). All ``s_t`` come at once as the directional derivative of every
+``log pi(y_t)`` along ``G grad Hbar``: one backward pass for ``grad Hbar``, then either a forward-mode
+JVP (:func:`torch.func.jvp`) or a central finite difference of two no-grad forwards at
+``theta +- h G grad Hbar`` (``method="fd"``, the default: it runs on any model, including attention
+kernels without forward-mode AD, and costs two plain forwards).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .core import all_finite, check_float_tensor, log_policy_and_entropy, predicted_entropy_change
+
+__all__ = [
+    "DERIVATIVE_METHODS",
+    "StepPreconditioner",
+    "ParamSpaceContributions",
+    "sgd_preconditioner",
+    "adam_preconditioner",
+    "preconditioner_from_optimizer",
+    "log_prob_tangent",
+    "masked_mean_entropy",
+    "entropy_param_gradient",
+    "logit_directional_derivative",
+    "first_order_entropy_change",
+    "param_space_contributions",
+]
+
+#: how the directional derivative of the logits is taken
+DERIVATIVE_METHODS = ("fd", "jvp")
+
+#: default finite-difference step of :func:`param_space_contributions`, as the first-order change of ``Hbar``
+#: (nats) along the perturbation, ``h <grad Hbar, G grad Hbar> = fd_step``, per parameter dtype; chosen where
+#: the measured FD error against the JVP is smallest (truncation ~ h^2, rounding ~ eps / h; docs/theory.md §5.4)
+DEFAULT_FD_STEP = {torch.float64: 1e-4, torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+LogitsFn = Callable[[tuple[Tensor, ...]], Tensor]
+
+
+# ----------------------------------------------------------------------------- the optimiser step
+@dataclass(frozen=True)
+class StepPreconditioner:
+    """The coming optimiser step as a linear map of the loss gradient (eq. 5.2).
+
+    ``dtheta_i = drift_step_i - gain_i * g_i`` for every parameter tensor ``i`` (element-wise;
+    ``gain_i`` broadcasts to ``theta_i``), where ``g`` is the gradient of the loss the step is taken
+    on. ``gain = lr P`` (SGD: ``P = 1``; Adam: ``lr (1 - beta1) / bc1 / (sqrt(vhat) + eps)``) and
+    ``drift_step`` is the part of the step known before the gradient (momentum, weight decay);
+    ``None`` means zero.
+
+    Attributes
+    ----------
+    kind : ``"sgd"`` or ``"adam"`` (what built it).
+    gain : one tensor per parameter, broadcastable to it (units: parameter per unit gradient).
+    drift_step : one tensor (the parameter's shape) or ``None`` per parameter.
+    exact : True when the map is exactly the step the optimiser will take for any gradient (SGD
+        always; Adam only when its second moment was given the step's own gradient, ``grads=``).
+    """
+
+    kind: str
+    gain: tuple[Tensor, ...]
+    drift_step: tuple[Tensor | None, ...]
+    exact: bool
+
+    def step(self, grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """``dtheta`` of the linear map for loss gradients ``grads`` (one per parameter)."""
+        if len(grads) != len(self.gain):
+            raise ValueError(f"got {len(grads)} gradients for {len(self.gain)} parameters")
+        return tuple((0 if d is None else d) - k * g for k, d, g in zip(self.gain, self.drift_step, grads))
+
+
+def _check_params(params: Sequence[Tensor], name: str = "params") -> tuple[Tensor, ...]:
+    if isinstance(params, Tensor) or not isinstance(params, Sequence) or len(params) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of tensors")
+    out = []
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            raise TypeError(f"{name}[{i}] must be a floating torch.Tensor, got {type(p).__name__}")
+        if not all_finite(p.detach()):
+            raise ValueError(f"{name}[{i}] (shape {tuple(p.shape)}) contains NaN/inf")
+        out.append(p)
+    return tuple(out)
+
+
+def _matching(tensors: Sequence[Tensor | None] | None, params: tuple[Tensor, ...], name: str
+              ) -> tuple[Tensor | None, ...]:
+    if tensors is None:
+        return (None,) * len(params)
+    if len(tensors) != len(params):
+        raise ValueError(f"{name} has {len(tensors)} entries for {len(params)} parameters")
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.shape != p.shape:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}[{i}] has shape {shape}, parameter has {tuple(p.shape)}")
+        if not all_finite(t):
+            raise ValueError(f"{name}[{i}] contains NaN/inf")
+    return tuple(t.detach() if t is not None else None for t in tensors)
+
+
+def _check_hyper(value: float, name: str, low: float = 0.0, high: float = math.inf, open_low: bool = False) -> float:
+    if isinstance(value, Tensor):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (open_low and value == low):
+        raise ValueError(f"{name} = {value} out of range")
+    return float(value)
+
+
+def sgd_preconditioner(
+    params: Sequence[Tensor], lr: float, *, momentum: float = 0.0, dampening: float = 0.0,
+    weight_decay: float = 0.0, nesterov: bool = False, momentum_buffer: Sequence[Tensor | None] | None = None,
+) -> StepPreconditioner:
+    """The next step of ``torch.optim.SGD`` as a linear map of the gradient (eq. 5.2, exact).
+
+    torch's SGD takes ``d = g + wd theta``; ``b = d`` on the first step (no buffer) else
+    ``b = mu b_old + (1 - dampening) d``; ``dtheta = -lr (d + mu b)`` (Nesterov) or ``-lr b``. Hence,
+    with a buffer: ``gain = lr (1 - dampening)`` (Nesterov: ``lr (1 + mu (1 - dampening))``) and
+    ``drift_step = -lr mu b_old - gain wd theta`` (Nesterov: ``-lr mu^2 b_old - gain wd theta``); without
+    one: ``gain = lr`` (Nesterov: ``lr (1 + mu)``), ``drift_step = -gain wd theta``.
+
+    Parameters
+    ----------
+    params : the parameter tensors, in the order ``logits_fn`` takes them.
+    lr, momentum, dampening, weight_decay, nesterov : as ``torch.optim.SGD``.
+    momentum_buffer : per parameter the ``momentum_buffer`` state, or ``None`` before the first step.
+    """
+    params = _check_params(params)
+    lr = _check_hyper(lr, "lr", open_low=True)
+    mu = _check_hyper(momentum, "momentum", high=1.0)
+    damp = _check_hyper(dampening, "dampening", high=1.0)
+    wd = _check_hyper(weight_decay, "weight_decay")
+    bufs = _matching(momentum_buffer, params, "momentum_buffer")
+    gains, drifts = [], []
+    for p, b in zip(params, bufs):
+        p = p.detach()
+        if mu == 0.0 or b is None:
+            gain = lr * (1.0 + mu) if (nesterov and mu > 0) else lr
+            drift = None
+        else:
+            gain = lr * (1.0 + mu * (1.0 - damp)) if nesterov else lr * (1.0 - damp)
+            drift = -lr * (mu * mu if nesterov else mu) * b
+        if wd:
+            drift = (0 if drift is None else drift) - gain * wd * p
+        gains.append(torch.tensor(gain, dtype=p.dtype, device=p.device))
+        drifts.append(drift)
+    return StepPreconditioner("sgd", tuple(gains), tuple(drifts), exact=True)
+
+
+def _per_model(x: float | Tensor, like: Tensor, name: str) -> Tensor:
+    """A number, or a 1-D tensor indexed by ``like``'s first dim (one value per model), shaped to broadcast."""
+    if isinstance(x, Tensor) and x.ndim > 0:
+        if x.ndim != 1 or like.ndim == 0 or x.shape[0] != like.shape[0]:
+            raise ValueError(f"{name} must be a number or a [{like.shape[0] if like.ndim else '?'}] tensor "
+                             f"(one per model along the first dim), got shape {tuple(x.shape)}")
+        return x.to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+    return torch.as_tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def adam_preconditioner(
+    params: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], steps_taken: float | Tensor,
+    lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = True, grads: Sequence[Tensor] | None = None,
+) -> StepPreconditioner:
+    """The next step of ``torch.optim.Adam``/``AdamW`` as a linear map of the gradient (eq. 5.2).
+
+    With ``t = steps_taken + 1``, ``bc1 = 1 - beta1^t``, ``m`` = ``exp_avg`` and
+    ``P = 1 / (sqrt(vhat) + eps)``, AdamW's step is
+    ``dtheta = -lr wd theta - (lr / bc1) P (beta1 m + (1 - beta1) g)``, so
+    ``gain = lr (1 - beta1) / bc1 P`` and ``drift_step = -lr beta1 / bc1 P m - lr wd theta``. Adam with
+    L2 weight decay (``decoupled_weight_decay=False``) adds ``wd theta`` to ``g`` instead:
+    ``drift_step = -lr / bc1 P (beta1 m + (1 - beta1) wd theta)``.
+
+    ``vhat`` is held fixed within the step (the approximation of eq. 5.2): without ``grads`` it is the
+    current bias-corrected estimate ``v / (1 - beta2^(t-1))`` -- the fixed point of Adam's update when
+    the new ``g^2`` equals it, so the error is ``O((1 - beta2) / (1 - beta2^t))`` relative. With
+    ``grads`` (the step's own loss gradients, known after its backward pass) ``vhat`` is the exact
+    ``(beta2 v + (1 - beta2) g^2) / (1 - beta2^t)`` and the map is the optimiser's step exactly.
+
+    Parameters
+    ----------
+    params, exp_avg, exp_avg_sq : parameter tensors and their Adam moments (same shapes).
+    steps_taken : steps already taken (torch's ``state["step"]``); a number, or a 1-D tensor with one
+        count per model along every parameter's first dim (seed-batched parameters).
+    lr, betas, eps, weight_decay, decoupled_weight_decay : as the torch optimiser.
+    grads : optional loss gradients of the coming step, one per parameter.
+    """
+    params = _check_params(params)
+    m_all = _matching(exp_avg, params, "exp_avg")
+    v_all = _matching(exp_avg_sq, params, "exp_avg_sq")
+    g_all = _matching(grads, params, "grads")
+    if any(m is None for m in m_all) or any(v is None for v in v_all):
+        raise ValueError("exp_avg and exp_avg_sq need a tensor for every parameter")
+    lr = _check_hyper(lr, "lr", open_low=True)
+    b1 = _check_hyper(betas[0], "beta1", high=1.0)
+    b2 = _check_hyper(betas[1], "beta2", high=1.0)
+    if b1 >= 1.0 or b2 >= 1.0:
+        raise ValueError(f"betas must be < 1, got {betas}")
+    eps = _check_hyper(eps, "eps")
+    wd = _check_hyper(weight_decay, "weight_decay")
+    gains, drifts = [], []
+    for p, m, v, g in zip(params, m_all, v_all, g_all):
+        p = p.detach()
+        taken = _per_model(steps_taken, p, "steps_taken")
+        if bool((taken < 0).any()):
+            raise ValueError("steps_taken must be >= 0")
+        t = taken + 1
+        bc1 = 1 - b1**t
+        bc2 = 1 - b2**t
+        if g is None:
+            if bool((taken == 0).any()):
+                raise ValueError(
+                    "Adam has no second-moment estimate before its first step (steps_taken = 0): that step is "
+                    "sign-like (dtheta ~ -lr sign(g)) and has no first-order per-token form without the step's "
+                    "own gradient; take a warm-up step, or pass grads= after the backward pass"
+                )
+            vhat = v / (1 - b2**taken)
+        else:
+            g_eff = g if (decoupled_weight_decay or not wd) else g + wd * p
+            vhat = (b2 * v + (1 - b2) * g_eff * g_eff) / bc2
+        precond = 1.0 / (vhat.sqrt() + eps)
+        gain = lr * (1 - b1) / bc1 * precond
+        drift = -lr * b1 / bc1 * precond * m
+        if wd:
+            drift = drift - (lr * wd * p if decoupled_weight_decay else gain * wd * p)
+        gains.append(gain)
+        drifts.append(drift)
+    return StepPreconditioner("adam", tuple(gains), tuple(drifts), exact=grads is not None)
+
+
+def preconditioner_from_optimizer(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor] | None = None
+) -> StepPreconditioner:
+    """Read the next step of a real ``torch.optim.SGD``/``Adam``/``AdamW`` from its state (eq. 5.2).
+
+    Hyperparameters come from each parameter's group (``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``momentum``, ``dampening``, ``nesterov``), moments from ``optimizer.state[p]`` (``exp_avg``,
+    ``exp_avg_sq``, ``step``, ``momentum_buffer``). ``params`` are the optimiser's own parameter tensors,
+    in the order ``logits_fn`` takes them; ``grads`` as in :func:`adam_preconditioner` (ignored by SGD,
+    whose map is exact anyway). Raises for any other optimiser and for options whose step is not of this
+    form (``maximize``, ``amsgrad``).
+    """
+    params = _check_params(params)
+    if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+        raise TypeError(f"unsupported optimizer {type(optimizer).__name__}: expected torch.optim.SGD, Adam or AdamW")
+    group_of: dict[int, dict] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            group_of[id(p)] = group
+    missing = [i for i, p in enumerate(params) if id(p) not in group_of]
+    if missing:
+        raise ValueError(f"params {missing} are not managed by the optimizer (pass the optimizer's own tensors)")
+    g_all = _matching(grads, params, "grads")
+    parts: list[StepPreconditioner] = []
+    for p, g in zip(params, g_all):
+        group = group_of[id(p)]
+        if group.get("maximize", False):
+            raise ValueError("maximize=True optimizers are not supported (the step ascends the loss)")
+        state = optimizer.state.get(p, {})
+        if isinstance(optimizer, torch.optim.SGD):
+            parts.append(sgd_preconditioner(
+                [p], group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                momentum_buffer=[state.get("momentum_buffer")]))
+            continue
+        if group.get("amsgrad", False):
+            raise ValueError("amsgrad=True is not supported (its max over second moments is not held fixed)")
+        decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+        taken = float(state["step"]) if "step" in state else 0.0
+        m = state.get("exp_avg", torch.zeros_like(p))
+        v = state.get("exp_avg_sq", torch.zeros_like(p))
+        parts.append(adam_preconditioner(
+            [p], [m], [v], taken, group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"],
+            decoupled, grads=None if g is None else [g]))
+    kinds = {x.kind for x in parts}
+    return StepPreconditioner(
+        kinds.pop(), tuple(x.gain[0] for x in parts), tuple(x.drift_step[0] for x in parts),
+        exact=all(x.exact for x in parts))
+
+
+# ----------------------------------------------------------------------------- tensor primitives
+def log_prob_tangent(logits: Tensor, tangent: Tensor, tokens: Tensor) -> Tensor:
+    """Directional derivative of ``log pi(y)`` for a logit direction (eq. 5.1).
+
+    ``d/de log softmax(z + e dz)_y |_{e=0} = dz_y - sum_b pi_b dz_b``. Shapes ``[..., V], [..., V], [...]``
+    -> ``[...]`` in the compute dtype (float64 for float64 logits, else float32).
+    """
+    logp, p, _ = log_policy_and_entropy(logits)
+    dz = tangent.to(p.dtype)
+    return dz.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - (p * dz).sum(-1)
+
+
+def _reduce_positions(x: Tensor, batch_dims: int) -> Tensor:
+    dims = tuple(range(batch_dims, x.ndim))
+    return x.sum(dim=dims) if dims else x
+
+
+def masked_mean_entropy(logits: Tensor, mask: Tensor, batch_dims: int = 0) -> Tensor:
+    """Token-mean entropy ``Hbar = (1/M) sum_{t in mask} H_t`` (eq. 1.1 averaged; nats), with gradient.
+
+    ``logits [..., V]``, ``mask [...]`` bool; the first ``batch_dims`` dims index independent models
+    and get one ``Hbar`` each (shape ``mask.shape[:batch_dims]``). Raises if a model has no masked token.
+    """
+    _, _, h = log_policy_and_entropy(logits)
+    m = mask.to(h.dtype)
+    count = _reduce_positions(m, batch_dims)
+    if bool((count == 0).any()):
+        raise ValueError("empty mask: no token counts towards the token-mean entropy"
+                         + (f" for model(s) {(count == 0).nonzero().tolist()}" if batch_dims else ""))
+    return _reduce_positions(h * m, batch_dims) / count
+
+
+def entropy_param_gradient(
+    logits_fn: LogitsFn, params: Sequence[Tensor], mask: Tensor, batch_dims: int = 0
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """``(Hbar, grad_theta Hbar, logits)``: one forward with graph and one backward pass (eq. 5.1).
+
+    With ``batch_dims`` > 0 the gradient of ``sum_b Hbar_b`` is taken, which is every model's own
+    ``grad Hbar_b`` because models share no parameters. Unused parameters get zero gradients.
+    ``logits`` are returned detached (for :func:`log_prob_tangent`).
+    """
+    return _entropy_param_gradient(logits_fn, params, mask, batch_dims, "mask")
+
+
+def _entropy_param_gradient(logits_fn: LogitsFn, params: Sequence[Tensor], mask: Tensor, batch_dims: int,
+                            name: str) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    params = _check_params(params)
+    leaves = tuple(p.detach().requires_grad_(True) for p in params)
+    with torch.enable_grad():
+        logits = _call(logits_fn, leaves)
+        _check_mask_shape(mask, logits, name)
+        h_bar = masked_mean_entropy(logits, mask.to(torch.bool), batch_dims)
+        grads = torch.autograd.grad(h_bar.sum(), leaves, allow_unused=True)
+    grads = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads))
+    return h_bar.detach(), grads, logits.detach()
+
+
+def _call(logits_fn: LogitsFn, params: tuple[Tensor, ...]) -> Tensor:
+    logits = logits_fn(params)
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 1:
+        raise TypeError("logits_fn must return a floating tensor [..., V]")
+    if not all_finite(logits.detach()):
+        raise ValueError(f"logits_fn returned NaN/inf logits (shape {tuple(logits.shape)})")
+    return logits
+
+
+def _check_mask_shape(mask: Tensor, logits: Tensor, name: str = "mask") -> None:
+    if not isinstance(mask, Tensor) or mask.shape != logits.shape[:-1]:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} shape {got} must equal the logits' leading shape {tuple(logits.shape[:-1])}")
+
+
+def logit_directional_derivative(
+    logits_fn: LogitsFn, params: Sequence[Tensor], direction: Sequence[Tensor], method: str = "fd",
+    step: float | Tensor | None = None, batch_dims: int = 0,
+) -> Tensor:
+    """Directional derivative of all logits along ``direction``: ``d/de logits(theta + e d)`` (eq. 5.4).
+
+    ``method="jvp"``: one forward-mode pass (:func:`torch.func.jvp`; exact, needs every op of the model to
+    support forward AD). ``method="fd"``: ``(logits(theta + h d) - logits(theta - h d)) / (2 h)`` from two
+    no-grad forwards with ``h = step`` (a number, or ``[S]`` per model when ``batch_dims`` = 1; required);
+    error ``O(h^2)`` (third derivative) plus rounding ``O(eps_dtype / h)``. Returns the logits' shape,
+    float64 for float64 logits, else float32.
+    """
+    if method not in DERIVATIVE_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {DERIVATIVE_METHODS}")
+    if batch_dims not in (0, 1):
+        raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims}")
+    params = tuple(p.detach() for p in _check_params(params))
+    direction = _matching(direction, params, "direction")
+    direction = tuple(torch.zeros_like(p) if d is None else d.to(p.dtype) for p, d in zip(params, direction))
+    if method == "jvp":
+        _, tangent = torch.func.jvp(lambda *ps: _call(logits_fn, ps), params, direction)
+        return tangent.to(torch.float64 if tangent.dtype == torch.float64 else torch.float32)
+    if step is None:
+        raise ValueError("method='fd' needs step= (the finite-difference step h)")
+    h = torch.as_tensor(step, dtype=torch.float64)
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()) or (h.ndim and (batch_dims == 0 or h.ndim != 1)):
+        raise ValueError(f"step must be finite, >= 0, and a number (or [S] with batch_dims=1), got {step!r}")
+
+    def shaped(x: Tensor, like: Tensor) -> Tensor:
+        x = x.to(dtype=like.dtype, device=like.device)
+        return x.reshape((-1,) + (1,) * (like.ndim - 1)) if x.ndim else x
+
+    with torch.no_grad():
+        plus = _call(logits_fn, tuple(p + shaped(h, p) * d for p, d in zip(params, direction)))
+        minus = _call(logits_fn, tuple(p - shaped(h, p) * d for p, d in zip(params, direction)))
+        out_dtype = torch.float64 if plus.dtype == torch.float64 else torch.float32
+        denom = shaped(2 * h, plus.to(out_dtype))
+        diff = plus.to(out_dtype) - minus.to(out_dtype)
+        return torch.where(denom > 0, diff / denom.clamp(min=1e-300), torch.zeros_like(diff))
+
+
+def first_order_entropy_change(entropy_grad: Sequence[Tensor], delta: Sequence[Tensor], batch_dims: int = 0
+                               ) -> Tensor:
+    """``<grad_theta Hbar, dtheta>`` summed over parameter tensors (eq. 5.3; per model for ``batch_dims`` = 1).
+
+    The exact first-order change of ``Hbar`` for a parameter step ``dtheta`` (known only after the step, or
+    from :meth:`StepPreconditioner.step`).
+    """
+    if len(entropy_grad) != len(delta):
+        raise ValueError(f"{len(entropy_grad)} gradients but {len(delta)} steps")
+    total = None
+    for g, d in zip(entropy_grad, delta):
+        if g.shape != d.shape:
+            raise ValueError(f"gradient shape {tuple(g.shape)} != step shape {tuple(d.shape)}")
+        prod = g.double() * d.double()
+        part = prod.reshape(prod.shape[0], -1).sum(1) if batch_dims else prod.sum()
+        total = part if total is None else total + part
+    return total
+
+
+# ----------------------------------------------------------------------------- contributions
+@dataclass(frozen=True)
+class ParamSpaceContributions:
+    """Result of :func:`param_space_contributions` (eq. 5.3). Shapes: ``[...]`` = the tokens' shape,
+    ``[batch]`` = its first ``batch_dims`` dims (a scalar when 0).
+
+    Attributes
+    ----------
+    contributions : ``[...]`` ``c_t = (A_t / N) s_t``: token ``t``'s share of the predicted ``dHbar`` of the
+        step (nats; masked-out positions 0). ``sum_t c_t / lr`` is the per-unit-lr form of eq. 3.3.
+    directional : ``[...]`` ``s_t = <G grad Hbar, grad log pi(y_t)>`` (nats per unit advantage per 1/N).
+    drift : ``[batch]`` ``<grad Hbar, drift_step>``, the sample-independent part (Adam momentum, weight decay).
+    bonus : ``[batch]`` first-order change from the entropy term of the objective (0 without ``entropy_weights``).
+    predicted : ``[batch]`` ``drift + bonus + sum_t c_t``.
+    entropy : ``[batch]`` ``Hbar`` before the step.
+    entropy_grad : ``grad_theta Hbar`` per parameter (for :func:`first_order_entropy_change` after the step).
+    """
+
+    contributions: Tensor
+    directional: Tensor
+    drift: Tensor
+    bonus: Tensor
+    predicted: Tensor
+    entropy: Tensor
+    entropy_grad: tuple[Tensor, ...]
+
+
+def _expand_advantages(adv: Tensor, tokens: Tensor) -> Tensor:
+    if adv.shape == tokens.shape:
+        return adv
+    if tokens.ndim >= 1 and adv.shape == tokens.shape[:-1]:
+        return adv.unsqueeze(-1).expand(tokens.shape)
+    raise ValueError(f"advantages shape {tuple(adv.shape)} must be per token {tuple(tokens.shape)} "
+                     f"or per sequence {tuple(tokens.shape[:-1])}")
+
+
+def param_space_contributions(
+    logits_fn: LogitsFn,
+    params: Sequence[Tensor],
+    tokens: Tensor,
+    advantages: Tensor,
+    preconditioner: StepPreconditioner,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    *,
+    method: str = "fd",
+    fd_step: float | None = None,
+    batch_dims: int = 0,
+    entropy_weights: Tensor | None = None,
+) -> ParamSpaceContributions:
+    """Per-token first-order entropy contributions of the coming step in parameter space (eq. 5.1-5.3).
+
+    For the loss ``L = -(1/N) sum_t A_t log pi(y_t)`` (``- sum_t w_t H_t`` if ``entropy_weights`` are given)
+    and the optimiser step ``dtheta = drift_step - G g`` of ``preconditioner``:
+
+    ``s_t = <G grad Hbar, grad log pi(y_t)>``, ``c_t = (A_t / N) s_t``, ``drift = <grad Hbar, drift_step>``,
+    ``bonus = sum_t w_t <G grad Hbar, grad H_t>``, and ``dHbar ~= drift + bonus + sum_t c_t``.
+
+    Costs one forward + backward (``grad Hbar``) and one JVP or two no-grad forwards (``method``).
+
+    Parameters
+    ----------
+    logits_fn : ``params -> logits [..., V]`` (teacher-forced logits of every token, with gradient).
+    params : parameter tensors (``theta``); not modified.
+    tokens : ``[...]`` integer tokens ``y_t`` (the logits' leading shape).
+    advantages : ``[...]`` per token or ``[...-1]`` per sequence (broadcast over the last dim).
+    preconditioner : the coming step, :func:`preconditioner_from_optimizer` or the constructors.
+    mask : ``[...]`` bool, the tokens of both ``Hbar`` and the loss (default all).
+    normalizer : the loss normaliser ``N`` (default the per-model mask count ``M``); number or ``[batch]``.
+    method : ``"fd"`` (default) or ``"jvp"``, see :func:`logit_directional_derivative`.
+    fd_step : the FD step as the first-order change of ``Hbar`` it causes, ``h <grad Hbar, G grad Hbar>``
+        (nats; default ``DEFAULT_FD_STEP`` of the parameters' dtype): a function-space size, so the same
+        value suits any parameterisation.
+    batch_dims : leading dims (0 or 1) that index independent models (e.g. seeds); every parameter then
+        has that dim first, and ``Hbar``, ``N``, ``drift``, ``predicted`` are per model.
+    entropy_weights : optional ``[...]`` weights ``w_t`` of an entropy term ``+ sum_t w_t H_t`` of the objective.
+    """
+    if not isinstance(preconditioner, StepPreconditioner):
+        raise TypeError("preconditioner must be a StepPreconditioner (see preconditioner_from_optimizer)")
+    params = _check_params(params)
+    if len(preconditioner.gain) != len(params):
+        raise ValueError(f"preconditioner has {len(preconditioner.gain)} parameters, params has {len(params)}")
+    if batch_dims not in (0, 1):
+        raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims}")
+    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError("tokens must be an integer torch.Tensor")
+    if tokens.ndim <= batch_dims:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} has no position dims after batch_dims={batch_dims}")
+    adv = _expand_advantages(check_float_tensor(advantages, "advantages"), tokens)
+    if mask is None:
+        mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    elif not isinstance(mask, Tensor) or mask.shape != tokens.shape:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask shape {got} must equal tokens shape {tuple(tokens.shape)}")
+    mask = mask.to(torch.bool)
+
+    # mask has the tokens' shape (checked above), so a mismatch with the logits is the tokens'
+    h_bar, grad_h, logits = _entropy_param_gradient(logits_fn, params, mask, batch_dims, "tokens")
+    vocab = logits.shape[-1]
+    if bool(((tokens < 0) | (tokens >= vocab))[mask].any()):
+        raise ValueError(f"tokens out of range [0, {vocab}) at masked-in positions")
+    direction = tuple(k * g for k, g in zip(preconditioner.gain, grad_h))
+    step = None
+    if method == "fd":
+        # h such that the perturbation moves Hbar by fd_step nats to first order: a function-space step size
+        curvature = first_order_entropy_change(grad_h, direction, batch_dims)  # <grad Hbar, G grad Hbar> >= 0
+        rel = DEFAULT_FD_STEP.get(params[0].dtype, 1e-3) if fd_step is None else _check_hyper(
+            fd_step, "fd_step", open_low=True)
+        step = torch.where(curvature > 0, rel / curvature.clamp(min=1e-300), torch.zeros_like(curvature))
+    tangent = logit_directional_derivative(logits_fn, params, direction, method, step, batch_dims)
+    safe_tokens = torch.where(mask, tokens, torch.zeros_like(tokens))
+    s = log_prob_tangent(logits, tangent, safe_tokens)
+    dtype = s.dtype
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    count = _reduce_positions(mask.to(dtype), batch_dims)
+    if normalizer is None:
+        norm = count
+    else:
+        norm = torch.as_tensor(normalizer, dtype=dtype, device=s.device)
+        if not bool(torch.isfinite(norm).all()) or bool((norm <= 0).any()):
+            raise ValueError(f"normalizer must be finite and > 0, got {normalizer!r}")
+        if norm.ndim and norm.shape != count.shape:
+            raise ValueError(f"normalizer shape {tuple(norm.shape)} must be a number or {tuple(count.shape)}")
+    norm_b = norm.reshape(norm.shape + (1,) * (s.ndim - norm.ndim))
+    s = torch.where(mask, s, zero)
+    c = torch.where(mask, adv.to(dtype) * s / norm_b, zero)
+    drift = first_order_entropy_change(
+        grad_h, [torch.zeros_like(g) if d is None else d for g, d in zip(grad_h, preconditioner.drift_step)],
+        batch_dims).to(dtype)
+    bonus = torch.zeros_like(drift)
+    if entropy_weights is not None:
+        w = check_float_tensor(entropy_weights, "entropy_weights")
+        if w.shape != tokens.shape:
+            raise ValueError(f"entropy_weights shape {tuple(w.shape)} must equal tokens shape {tuple(tokens.shape)}")
+        dh_t = predicted_entropy_change(logits, tangent.to(logits.dtype)).to(dtype)
+        bonus = _reduce_positions(torch.where(mask, w.to(dtype) * dh_t, zero), batch_dims)
+    predicted = drift + bonus + _reduce_positions(c, batch_dims)
+    return ParamSpaceContributions(c, s, drift, bonus, predicted, h_bar.to(dtype), grad_h)
