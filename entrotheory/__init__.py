@@ -27,6 +27,7 @@ from .param_space import (
 )
 from .rejection import EntropyRejectionSampler, Selection
 from .schedules import Band, Schedule, parse_band, parse_schedule
+from .state_estimate import EntropyStateEstimate, batch_entropy_variance
 from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
 
 __all__ = [
@@ -62,4 +63,6 @@ __all__ = [
     "preconditioner_from_optimizer",
     "param_space_contributions",
     "first_order_entropy_change",
+    "EntropyStateEstimate",
+    "batch_entropy_variance",
 ]
