@@ -26,9 +26,12 @@ import torch
 from torch import Tensor
 
 from entrotheory import (
+    ParamSpaceContributions,
+    StepPreconditioner,
     entropy,
     entropy_change_contributions,
     entropy_gradient,
+    param_space_contributions,
     predicted_entropy_change,
     token_entropy_contributions,
     token_entropy_stats,
@@ -118,6 +121,26 @@ class ToyPolicy:
         """Turn the accumulated logit gradient into the tabular natural gradient (divide by pi)."""
         raise NotImplementedError(f"{type(self).__name__} has no tabular natural gradient")
 
+    def param_logits(self, params: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
+        """Teacher-forced logits ``[S, P, n, T, V]`` of ``tokens`` as a pure function of ``params`` (tensors
+        shaped like :meth:`parameters`), for :mod:`entrotheory.param_space`."""
+        raise NotImplementedError
+
+    def param_space_contributions(
+        self, tokens: Tensor, advantages: Tensor, preconditioner: StepPreconditioner, normalizer: float,
+        entropy_weights: Tensor | None = None, method: str = "jvp",
+    ) -> ParamSpaceContributions:
+        """Parameter-space contributions of the coming step to every seed's token-mean entropy (eq. 5.3).
+
+        The loss is ``-(1/normalizer) sum A log pi`` per seed (``- sum w H`` with ``entropy_weights``) and
+        the step is ``preconditioner``'s; the seeds are independent models (``batch_dims=1``), so one
+        backward pass of the summed token-mean entropies and one JVP give every seed's ``s_t`` at once.
+        Shapes: ``tokens``/``advantages`` ``[S, P, n, T]``; ``predicted``/``drift`` ``[S]``.
+        """
+        return param_space_contributions(
+            lambda ps: self.param_logits(ps, tokens), self.parameters(), tokens, advantages, preconditioner,
+            normalizer=normalizer, method=method, batch_dims=1, entropy_weights=entropy_weights)
+
 
 # ============================================================================ bandit
 class TabularBanditPolicy(ToyPolicy):
@@ -190,6 +213,10 @@ class TabularBanditPolicy(ToyPolicy):
     def probabilities(self) -> Tensor:
         """``pi`` over the arms, ``[S, P, K]``."""
         return torch.softmax(self.logits, -1)
+
+    def param_logits(self, params: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
+        (logits,) = params
+        return logits[:, :, None, None, :].expand(*tokens.shape, self.vocab)
 
 
 # ============================================================================ token policies
@@ -325,7 +352,11 @@ class TabularTokenPolicy(TokenPolicy):
         return [self.table]
 
     def logits(self, tokens: Tensor) -> Tensor:
-        return self.table[self._seed_idx, self._prompt_idx, self.prefix_ids(tokens)]
+        return self.param_logits((self.table,), tokens)
+
+    def param_logits(self, params: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
+        (table,) = params
+        return table[self._seed_idx, self._prompt_idx, self.prefix_ids(tokens)]
 
     def next_logits(self, prefix: Tensor) -> Tensor:
         t = prefix.shape[-1]
@@ -373,29 +404,31 @@ class NeuralTokenPolicy(TokenPolicy):
     def parameters(self) -> list[Tensor]:
         return [self.prompt_emb, self.pos_emb, self.tok_emb, self.w1, self.b1, self.w2, self.b2]
 
-    def _head(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def _head(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
         # x: [S, P, n, t, d] -> logits [S, P, n, t, V]
-        h = torch.tanh(torch.einsum("spntd,sdh->spnth", x, self.w1) + self.b1[:, None, None, None, :])
-        return torch.einsum("spnth,shv->spntv", h, self.w2) + self.b2[:, None, None, None, :]
+        h = torch.tanh(torch.einsum("spntd,sdh->spnth", x, w1) + b1[:, None, None, None, :])
+        return torch.einsum("spnth,shv->spntv", h, w2) + b2[:, None, None, None, :]
 
-    def _token_embeddings(self, tokens: Tensor) -> Tensor:
+    @staticmethod
+    def _token_embeddings(tok_emb: Tensor, tokens: Tensor) -> Tensor:
         # embedding of the token at position j (for later positions): [S, P, n, t, d]
         s, p, n, t = tokens.shape
-        emb = self.tok_emb[:, :t]  # [S, t, V, d]
+        emb = tok_emb[:, :t]  # [S, t, V, d]
         idx = tokens.permute(0, 3, 1, 2).reshape(s, t, p * n)  # [S, t, P*n]
         e = torch.gather(emb, 2, idx.unsqueeze(-1).expand(s, t, p * n, emb.shape[-1]))
         return e.reshape(s, t, p, n, -1).permute(0, 2, 3, 1, 4)
 
     def logits(self, tokens: Tensor) -> Tensor:
-        s, p, n, t = tokens.shape
-        e = self._token_embeddings(tokens)
+        return self.param_logits(tuple(self.parameters()), tokens)
+
+    def param_logits(self, params: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
+        prompt_emb, pos_emb, tok_emb, w1, b1, w2, b2 = params
+        t = tokens.shape[-1]
+        e = self._token_embeddings(tok_emb, tokens)
         prefix_sum = e.cumsum(3) - e  # sum over j < t
-        x = (
-            self.prompt_emb[:, :, None, None, :]
-            + self.pos_emb[:, None, None, :t, :]
-            + prefix_sum
-        )
-        return self._head(x)
+        x = prompt_emb[:, :, None, None, :] + pos_emb[:, None, None, :t, :] + prefix_sum
+        return self._head(x, w1, b1, w2, b2)
 
     def next_logits(self, prefix: Tensor) -> Tensor:
         s, p, n, t = prefix.shape
@@ -404,5 +437,5 @@ class NeuralTokenPolicy(TokenPolicy):
                 s, p, n, self.prompt_emb.shape[-1]
             )
             if t > 0:
-                x = x + self._token_embeddings(prefix).sum(3)
-            return self._head(x.unsqueeze(3)).squeeze(3)
+                x = x + self._token_embeddings(self.tok_emb, prefix).sum(3)
+            return self._head(x.unsqueeze(3), self.w1, self.b1, self.w2, self.b2).squeeze(3)

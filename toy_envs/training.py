@@ -26,6 +26,14 @@ The entropy the methods see and the loop reports is the token mean over the batc
 *effective* advantages of the update (``-dLoss/dlog pi``, whatever the method's surrogate did
 to them) and ``n_s`` the number of batch positions that share the state (prompt, prefix). An
 entropy bonus adds ``predicted_entropy_change(z, w dH/dz)`` with ``w = -dLoss/dH_t``.
+
+``predictor="param"`` replaces the per-position (logit-space) contributions by the parameter-space ones of
+:mod:`entrotheory.param_space` (docs/theory.md §5): ``c_t = A_t / N <G grad Hbar, grad log pi(y_t)>`` with
+the optimiser's preconditioner ``G`` read from :class:`~toy_envs.optim.SeedOptimizer`, plus the Adam momentum
+drift. The applied update's prediction uses the step's own gradient (known after its backward pass, so
+Adam's ``v`` is exact); the contributions the method sees before the loss (and ``predicted_vanilla``) use
+``v`` updated with the plain loss's gradient of the whole batch (Adam) -- the step's ``v`` if every sample is
+accepted.
 """
 
 from __future__ import annotations
@@ -42,11 +50,16 @@ from tqdm.auto import tqdm
 from entrotheory.advantages import compute_advantages
 from entrotheory.core import check_rule
 from entrotheory.methods import make_method, masked_token_mean
+from entrotheory.param_space import StepPreconditioner, adam_preconditioner, sgd_preconditioner
 
 from .optim import SeedOptimizer
 from .policies import ToyPolicy
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["PREDICTORS", "TrainConfig", "TrainResult", "train", "seed_optimizer_preconditioner"]
+
+#: where the first-order contributions come from: per-position logit space (docs/theory.md §3) or
+#: parameter space (§5)
+PREDICTORS = ("logit", "param")
 
 #: plan diagnostics recorded per step when the method reports them
 DIAGNOSTIC_KEYS = (
@@ -94,6 +107,8 @@ class TrainConfig:
     eval_every : evaluate every this many steps (NaN in between; 0 = only after training).
     seed : seed of the sampling generator.
     progress : show a tqdm progress bar over steps.
+    predictor : ``"logit"`` (per-position contributions, eq. 3.2) or ``"param"`` (parameter-space
+        contributions, eq. 5.3) for the prediction and for the contributions the method selects on.
     """
 
     steps: int = 100
@@ -110,6 +125,7 @@ class TrainConfig:
     eval_every: int = 1
     seed: int = 0
     progress: bool = False
+    predictor: str = "logit"
 
 
 @dataclass
@@ -140,6 +156,33 @@ def _token_stats_for(policy: ToyPolicy, tokens: Tensor) -> tuple[Tensor, Tensor]
     return ent, policy.visit_counts(tokens) / n_tok
 
 
+def seed_optimizer_preconditioner(opt: SeedOptimizer, grads: list[Tensor] | None = None) -> StepPreconditioner:
+    """The next step of a :class:`~toy_envs.optim.SeedOptimizer` as a linear map (eq. 5.2), per seed.
+
+    SGD: ``gain = lr``. Adam: its moments and per-seed step counts (``grads``: the step's loss gradients,
+    for the exact second moment; required while a seed has taken no step yet).
+    """
+    if opt.kind == "sgd":
+        return sgd_preconditioner(opt.params, opt.lr)
+    return adam_preconditioner(opt.params, opt.m, opt.v, opt.steps, opt.lr, opt.betas, opt.eps, grads=grads)
+
+
+def _param_prediction(policy: ToyPolicy, opt: SeedOptimizer, tokens: Tensor, advantages: Tensor, normalizer: float,
+                      grads: list[Tensor] | None, entropy_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(contributions [S, P, G, T], predicted [S])`` of the coming step in parameter space (eq. 5.3)."""
+    pre = seed_optimizer_preconditioner(opt, grads)
+    out = policy.param_space_contributions(tokens, advantages, pre, normalizer, entropy_weights)
+    return out.contributions.to(torch.float32), out.predicted.to(torch.float32)
+
+
+def _plain_loss_grads(policy: ToyPolicy, tokens: Tensor, adv_tok: Tensor, n_tok: int, scale: float) -> list[Tensor]:
+    """Gradients of the plain PG loss ``-(P / N_tok) sum A log pi`` of every seed (for Adam's second moment)."""
+    lp, _ = policy.forward(tokens)
+    params = policy.parameters()
+    grads = torch.autograd.grad(-(adv_tok * lp).sum() / n_tok * scale, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
 def train(
     policy: ToyPolicy, task: Any, config: TrainConfig, method_factory: Any = None
 ) -> TrainResult:
@@ -159,6 +202,10 @@ def train(
         raise ValueError("rule='npg' (tabular natural gradient) needs a tabular policy")
     if cfg.updates_per_batch < 1:
         raise ValueError(f"updates_per_batch must be >= 1, got {cfg.updates_per_batch}")
+    if cfg.predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {cfg.predictor!r}; expected one of {PREDICTORS}")
+    if cfg.predictor == "param" and cfg.rule != "pg":
+        raise ValueError("predictor='param' needs rule='pg' (the tabular natural gradient is not an optimiser step)")
     s_, p_, g_, t_ = policy.n_seeds, policy.n_prompts, cfg.group_size, policy.seq_len
     b_, n_tok = p_ * g_, p_ * g_ * t_
     scale = float(p_)  # sum over prompts of the per-prompt mean
@@ -200,8 +247,13 @@ def train(
         h_before, weight = _token_stats_for(policy, tokens)
         h_mean = h_before.mean(dim=(1, 2, 3))  # [S]
         # per-sample first-order contributions (per unit lr) to the batch token-mean entropy
-        contrib = policy.contributions(tokens, adv_tok, cfg.rule) * weight * (scale / n_tok)
-        pred_vanilla = contrib.sum(dim=(1, 2, 3)) * cfg.lr
+        if cfg.predictor == "param":
+            plain_grads = _plain_loss_grads(policy, tokens, adv_tok, n_tok, scale) if opt.kind == "adam" else None
+            c_param, pred_vanilla = _param_prediction(policy, opt, tokens, adv_tok, n_tok / scale, plain_grads)
+            contrib = c_param / cfg.lr
+        else:
+            contrib = policy.contributions(tokens, adv_tok, cfg.rule) * weight * (scale / n_tok)
+            pred_vanilla = contrib.sum(dim=(1, 2, 3)) * cfg.lr
 
         plans: list[Any] = [None] * s_
         active = torch.ones(s_, dtype=torch.bool)
@@ -249,17 +301,24 @@ def train(
                 break
             torch.stack(losses).sum().backward()
             # first-order prediction of this update, from the effective advantages it applied
-            if methods is None and update == 0:
+            if cfg.predictor == "param":
+                eff_adv = -lp.grad if lp.grad is not None else torch.zeros_like(lp)
+                bonus_w = -ht.grad if (ht is not None and ht.grad is not None) else None
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in policy.parameters()]
+                _, pred_step = _param_prediction(policy, opt, tokens, eff_adv.detach(), 1.0, grads, bonus_w)
+                predicted += torch.where(active, pred_step, torch.zeros_like(pred_step))
+            elif methods is None and update == 0:
                 # the plain on-policy PG loss: -dLoss/dlog pi = (P / N_tok) A, so the prediction is
                 # exactly the one already computed from the advantages
                 pred_u = contrib.sum(dim=(1, 2, 3))
             else:
                 eff_adv = -lp.grad if lp.grad is not None else torch.zeros_like(lp)
                 pred_u = (policy.contributions(tokens, eff_adv, cfg.rule) * weight).sum(dim=(1, 2, 3))
-            if ht is not None and ht.grad is not None:
-                bonus = policy.bonus_contributions(tokens, -ht.grad, cfg.rule) * weight
-                pred_u = pred_u + bonus.sum(dim=(1, 2, 3))
-            predicted += torch.where(active, pred_u * cfg.lr, torch.zeros_like(pred_u))
+            if cfg.predictor == "logit":
+                if ht is not None and ht.grad is not None:
+                    bonus = policy.bonus_contributions(tokens, -ht.grad, cfg.rule) * weight
+                    pred_u = pred_u + bonus.sum(dim=(1, 2, 3))
+                predicted += torch.where(active, pred_u * cfg.lr, torch.zeros_like(pred_u))
             if cfg.rule == "npg":
                 policy.precondition_npg()
             opt.step(active)

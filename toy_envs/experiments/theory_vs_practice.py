@@ -8,6 +8,11 @@ change of the batch's token-mean entropy on the same states. Report R^2 and slop
 on predicted per configuration; the agreement should be exact to first order for tabular + SGD
 and decay as the learning rate grows, with Adam (the prediction is the SGD-equivalent one) and
 with function approximation (an update on one prefix moves the others).
+
+The neural token policy runs twice per (optimiser, lr): with the per-position (logit-space)
+contributions and with the parameter-space ones (``predictor="param"``, docs/theory.md §5), which
+follow the shared network and the optimiser's preconditioner. :func:`neural_table` renders that
+comparison as the markdown table of docs/validation.md; ``run`` writes it next to the JSON.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ def configurations(fast: bool) -> list[dict[str, Any]]:
         if env != "token-neural":
             grid.append(("sgd", "npg", NPG_LRS))
         grid.append(("adam", "pg", NEURAL_ADAM_LRS if env == "token-neural" else ADAM_LRS))
+        predictors = ("logit", "param") if env == "token-neural" else ("logit",)
         for opt, rule, lrs in grid:
-            for lr in pick(lrs):
-                out.append({"env": env, "optimizer": opt, "rule": rule, "lr": lr})
+            for predictor in predictors:
+                for lr in pick(lrs):
+                    out.append({"env": env, "optimizer": opt, "rule": rule, "lr": lr, "predictor": predictor})
     return out
 
 
@@ -63,7 +70,8 @@ def run_one(cfg: dict[str, Any], fast: bool, seed: int) -> dict[str, Any]:
     """Train one configuration; returns its fit statistics and the (predicted, measured) pairs."""
     policy, task = build_env(cfg["env"], fast, seed)
     tc = TrainConfig(steps=12 if fast else 40, group_size=8, lr=cfg["lr"], optimizer=cfg["optimizer"],
-                     rule=cfg["rule"], estimator="grpo", method=None, seed=seed)
+                     rule=cfg["rule"], estimator="grpo", method=None, seed=seed,
+                     predictor=cfg.get("predictor", "logit"))
     try:
         res = train(policy, task, tc)
     except FloatingPointError:  # the largest learning rates can overflow the logits (npg: A / pi_y)
@@ -88,11 +96,34 @@ def run(fast: bool = False, seed: int = 0, out: Path = Path("runs/toy_envs"),
         "configs": [{k: v for k, v in r.items() if k not in ("predicted", "measured")} for r in rows],
     }
     _figure(rows, figures / "toy_theory_vs_practice.png")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}-neural.md").write_text(neural_table(payload))
     return payload
 
 
+def neural_table(payload: dict[str, Any]) -> str:
+    """Markdown table of the neural token policy: R^2 and slope of measured on predicted per-step change,
+    logit-space vs parameter-space contributions, per optimiser and lr (from ``run``'s payload)."""
+    rows = [r for r in payload["configs"] if r["env"] == "token-neural"]
+    lines = ["| optimiser | lr | R² logit-space | slope logit-space | R² param-space | slope param-space |",
+             "|---|---|---|---|---|---|"]
+
+    def fmt(x: Any, spec: str) -> str:
+        return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+    for opt in ("sgd", "adam"):
+        for lr in sorted({r["lr"] for r in rows if r["optimizer"] == opt}):
+            by = {r["predictor"]: r for r in rows if r["optimizer"] == opt and r["lr"] == lr}
+            lo, pa = by.get("logit", {}), by.get("param", {})
+            name = "SGD" if opt == "sgd" else "Adam"
+            lines.append(f"| {name} | {lr:g} | {fmt(lo.get('r2'), '.3f')} | {fmt(lo.get('slope'), '.3g')} | "
+                         f"{fmt(pa.get('r2'), '.4f')} | {fmt(pa.get('slope'), '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _label(r: dict[str, Any]) -> str:
-    return f"{r['env']} {r['optimizer']}-{r['rule']}"
+    extra = f" {r['predictor']}" if r.get("predictor", "logit") != "logit" else ""
+    return f"{r['env']} {r['optimizer']}-{r['rule']}{extra}"
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
@@ -102,16 +133,20 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     ax = axes[0]
     chosen = []
     for env in ("bandit", "token-tabular", "token-neural"):
-        cands = [r for r in rows if r["env"] == env and r["optimizer"] == "sgd" and r["rule"] == "pg"]
+        cands = [r for r in rows if r["env"] == env and r["optimizer"] == "sgd" and r["rule"] == "pg"
+                 and r.get("predictor", "logit") == "logit"]
         cands = [r for r in cands if not r["diverged"]]
         if cands:
             chosen.append(min(cands, key=lambda r: r["lr"]))
             if env != "token-neural":
                 chosen.append(max(cands, key=lambda r: r["lr"]))
+    param = [r for r in rows if r.get("predictor") == "param" and r["optimizer"] == "sgd" and not r["diverged"]]
+    if param:
+        chosen.append(max(param, key=lambda r: r["lr"]))
     for r in chosen:
         p, m = r["predicted"], r["measured"]
         ax.scatter(p / (np.max(np.abs(p)) or 1.0), m / (np.max(np.abs(m)) or 1.0), s=8, alpha=0.6,
-                   label=f"{r['env']} lr={r['lr']:g} (R²={r['r2']:.3f}, slope={r['slope']:.3g})")
+                   label=f"{_label(r)} lr={r['lr']:g} (R²={r['r2']:.3f}, slope={r['slope']:.3g})")
     ax.plot([-1, 1], [-1, 1], "k--", lw=0.8)
     ax.set_xlabel("predicted ΔH / max|predicted|")
     ax.set_ylabel("measured ΔH / max|measured|")
