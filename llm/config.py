@@ -42,9 +42,12 @@ class TrainConfig:
     method: str = "entrocraft-predictive"  # a name in entrotheory.methods.METHODS; alias entrocraft
     schedule: str = ""  # target entropy: schedule spec or band LOWER..UPPER (entrotheory.schedules)
     method_options: str = ""  # extra make_method options as YAML/JSON, e.g. '{coef: 0.003}'
-    calibration_prior: float = 0.0  # Entrocraft: prior measured/predicted ratio (k_scale); 0 = method default
+    calibration_prior: float = 0.0  # Entrocraft, logit predictor: prior measured/predicted ratio (k_scale); 0 = default
     estimator: str = "grpo"  # advantage estimator (entrotheory.advantages.ESTIMATORS)
-    rule: str = "pg"  # per-token prediction rule: pg | npg
+    rule: str = "pg"  # per-token prediction rule of the logit predictor: pg | npg
+    predictor: str = "logit"  # contributions the sampler selects on: logit (per position) | param (parameter space)
+    entropy_estimate: bool = False  # control a Kalman estimate of the policy's entropy instead of the batch entropy
+    estimate_process_std: float = 0.01  # nats: what one step's measured change misses of the policy's change
     reward_correct: float = 1.0
     reward_wrong: float = -1.0
     # --- rollout
@@ -75,6 +78,8 @@ class TrainConfig:
     eval_samples: int = 8
     pass_k: int = 8
     eval_temperature: float = 1.0
+    probe_every: int = 0  # held-out entropy every N steps: fixed probe prompts, same seeds each time (0 = off)
+    probe_prompts: int = 16  # the first held-out prompts, samples_per_prompt samples each at the training temperature
     # --- run
     seed: int = 0
     output_dir: str = "runs/llm"
@@ -105,7 +110,7 @@ PRESETS: dict[str, dict[str, object]] = {
         model="embedded", task="arithmetic", arith_low=0, arith_high=14, method="entrocraft-predictive",
         schedule="linear:0.85->0.65", calibration_prior=2e7, steps=50, prompts_per_step=8,
         samples_per_prompt=8, max_new_tokens=4, lr=2e-6, micro_batch_size=64, eval_every=10, eval_prompts=32,
-        eval_samples=8, pass_k=8, checkpoint_every=10, output_dir="runs/cpu-demo",
+        eval_samples=8, pass_k=8, probe_every=2, probe_prompts=16, checkpoint_every=10, output_dir="runs/cpu-demo",
     ),
     # one GPU: sizes for a single accelerator; pass --model DIR (e.g. a Qwen3 checkpoint) and --dataset FILE
     # (then raise --max-new-tokens, e.g. 1024) for real reasoning data
@@ -189,8 +194,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_every", "eval_prompts", "checkpoint_every", "plot_every", "warmup_steps", "threads",
-                 "stop_after"):
+    for name in ("eval_every", "eval_prompts", "probe_every", "probe_prompts", "checkpoint_every", "plot_every",
+                 "warmup_steps", "threads", "stop_after"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     rows = cfg.prompts_per_step * cfg.samples_per_prompt
@@ -210,6 +215,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"top_p must be in (0, 1], got {cfg.top_p}")
     if not cfg.lr > 0:
         raise UserError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.predictor not in ("logit", "param"):
+        raise UserError(f"predictor must be logit or param, got {cfg.predictor!r}")
+    if cfg.predictor == "param" and cfg.fsdp:
+        raise UserError("--predictor param needs replicated weights: it is not available with --fsdp")
+    if not cfg.estimate_process_std >= 0:
+        raise UserError(f"estimate_process_std must be >= 0, got {cfg.estimate_process_std}")
     if cfg.rule not in ("pg", "npg"):
         raise UserError(f"rule must be pg or npg, got {cfg.rule!r}")
     if cfg.dataset_errors not in ("skip", "error"):

@@ -51,6 +51,14 @@ from entrotheory import entropy as policy_entropy
 from entrotheory.advantages import ESTIMATORS, compute_advantages
 from entrotheory.core import all_finite
 from entrotheory.methods import METHODS, MethodPlan, make_method, masked_token_mean, ppo_clipped
+from entrotheory.param_space import (
+    DEFAULT_FD_STEP,
+    first_order_entropy_change,
+    log_prob_tangent,
+    logit_directional_derivative,
+    preconditioner_from_optimizer,
+)
+from entrotheory.state_estimate import EntropyStateEstimate, batch_entropy_variance
 
 from .config import TrainConfig, build_parser, config_from_args, method_options, save_yaml
 from .distributed import DistContext, init_distributed, local_tensor, shard_model, shutdown, unsharded
@@ -103,8 +111,11 @@ def build_method(cfg: TrainConfig, verbose: bool = True):
             raise UserError(f"method {cfg.method!r} takes no --schedule (got {cfg.schedule!r}); methods that do: "
                             + ", ".join(n for n, c in METHODS.items() if "schedule" in c.OPTIONS))
         opts["schedule"] = cfg.schedule
-    if cfg.calibration_prior > 0 and "k_scale" in METHODS[cfg.method].OPTIONS:
-        opts["k_scale"] = cfg.calibration_prior
+    if "k_scale" in METHODS[cfg.method].OPTIONS:
+        if cfg.predictor == "param":  # absolute nats per unit lr: measured / predicted ~ 1, nothing to learn
+            opts["k_scale"] = 1.0
+        elif cfg.calibration_prior > 0:
+            opts["k_scale"] = cfg.calibration_prior
     opts.update(method_options(cfg))
     if verbose and cfg.method == "kl-cov" and cfg.ppo_epochs == 1:
         print("warning: kl-cov's penalty |log pi - log pi_old| has zero gradient on the first, on-policy epoch; "
@@ -174,6 +185,18 @@ class _ResponseForward(torch.nn.Module):
 
 
 @dataclass
+class ParamDirection:
+    """What the parameter-space predictor knows before the update (docs/theory.md §5): ``directional``
+    ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step, ``drift``
+    the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), and the
+    entropy gradient (reused for the exact first-order term after the update)."""
+
+    directional: torch.Tensor
+    drift: float
+    first_order: FirstOrder
+
+
+@dataclass
 class Batch:
     """One step's samples. The token tensors are GLOBAL (``[B, T]`` over all ranks, identical on each);
     ``prompt_ids``/``prompt_mask``/``roll`` are this rank's, padded to the global ``T``; ``rows`` are this
@@ -190,6 +213,7 @@ class Batch:
     answer_keys: list[str]
     mini_batch: torch.Tensor
     mini_batch_tokens: list[float]
+    param: ParamDirection | None = None
 
     @property
     def local_mask(self) -> torch.Tensor:
@@ -212,9 +236,12 @@ class FirstOrder:
         self.loss_scale = loss_scale
         self.theta0 = [local_tensor(p.detach()).clone() for p in params]
         self.grad = [torch.zeros_like(t) for t in self.theta0]
+        self.ready = False  # the gradient is complete (reduced over micro-batches and ranks)
 
     def accumulate(self, h_part: torch.Tensor) -> None:
         """Add the gradient of this micro-batch's share ``sum_t H_t / N`` of the token-mean entropy."""
+        if self.ready:
+            return
         if self.sharded:
             (h_part * self.loss_scale).backward()
             return
@@ -224,6 +251,9 @@ class FirstOrder:
 
     def reduce(self, dist: DistContext) -> None:
         """Sum the gradient over ranks (replicated), or take this shard's reduced ``.grad`` (sharded)."""
+        if self.ready:
+            return
+        self.ready = True
         if self.sharded:
             for acc, p in zip(self.grad, self.params):
                 if p.grad is not None:
@@ -246,12 +276,17 @@ class _Before:
     entropy: torch.Tensor
     first_order: FirstOrder | None
 
+    @property
+    def needs_gradient(self) -> bool:
+        """The entropy gradient is still to be accumulated from the forward passes."""
+        return self.first_order is not None and not self.first_order.ready
+
     def store(self, rows: torch.Tensor, log_prob: torch.Tensor, logits: torch.Tensor, batch: Batch,
               token_entropy: torch.Tensor | None, n_tok: float) -> None:
         mask = batch.local_mask[rows]
         self.log_prob[rows] = log_prob
         self.entropy[rows] = token_entropy_stats(logits.detach(), batch.roll.tokens[rows], mask).entropy
-        if self.first_order is not None:
+        if self.needs_gradient:
             self.first_order.accumulate(masked_token_mean(token_entropy, mask, n_tok))
 
 
@@ -311,8 +346,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.params = params
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.estimate = EntropyStateEstimate() if cfg.entropy_estimate else None
         self.nan_streak = 0
         self.eval_problems = self.task.eval_set(cfg.eval_prompts) if cfg.eval_prompts else []
+        self.probe_problems = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -329,10 +367,14 @@ class Trainer:
     def _rollout(self, problems: list[Problem], samples: int, temperature: float, gens: list[torch.Generator]):
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [p.prompt for p in problems], self.device)
         self.model.eval()
-        with unsharded(self.model) if self.sharded else contextlib.nullcontext():
-            roll = generate(self.model, self.tokenizer, prompt_ids, prompt_mask, samples, self.cfg.max_new_tokens,
-                            temperature, self.cfg.top_p, gens, self.task.stop_at_newline, autocast=self.autocast)
+        roll = generate(self.model, self.tokenizer, prompt_ids, prompt_mask, samples, self.cfg.max_new_tokens,
+                        temperature, self.cfg.top_p, gens, self.task.stop_at_newline, autocast=self.autocast)
         return prompt_ids, prompt_mask, roll
+
+    def _full_weights(self):
+        """Sampling context: under FSDP the whole model is gathered once on every rank (a collective: every
+        rank enters it, whatever its share of prompts), so that decoding needs no communication."""
+        return unsharded(self.model) if self.sharded else contextlib.nullcontext()
 
     def _gradient_sync(self, last: bool):
         """Reduce gradients over ranks on the last micro-batch of an optimiser step only."""
@@ -359,6 +401,30 @@ class Trainer:
         return total / count if count else 0.0
 
     # ------------------------------------------------------------------ evaluation
+    def _my_share(self, problems: list[Problem]) -> tuple[int, list[Problem]]:
+        """This rank's contiguous share of a list of held-out problems (first index, problems)."""
+        share = -(-len(problems) // self.dist.world)
+        lo = min(self.dist.rank * share, len(problems))
+        return lo, problems[lo:lo + share]
+
+    @torch.no_grad()
+    def probe_entropy(self) -> dict[str, float]:
+        """Held-out entropy: token-mean entropy of the current policy's own samples on fixed probe prompts,
+        at the training temperature, with the same per-prompt seeds every time (common random numbers, so
+        that successive probes differ by the policy's change more than by sampling noise)."""
+        if not self.probe_problems:
+            return {}
+        lo, mine = self._my_share(self.probe_problems)
+        ent = ntok = 0.0
+        with self._full_weights():
+            if mine:
+                _, _, roll = self._rollout(mine, self.cfg.samples_per_prompt, self.cfg.temperature,
+                                           self._generators("probe", 0, lo, len(mine)))
+                ent = float(torch.where(roll.mask, roll.stats.entropy, 0.0).sum())
+                ntok = float(roll.mask.sum())
+        ent, ntok = self.dist.sum(ent, ntok)
+        return {"probe_entropy": ent / max(ntok, 1.0)}
+
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """pass@1 and pass@k (unbiased) on the held-out split, at ``eval_temperature``; split over ranks."""
@@ -367,25 +433,24 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         n, k = cfg.eval_samples, cfg.pass_k
-        share = -(-len(self.eval_problems) // self.dist.world)
-        lo = min(self.dist.rank * share, len(self.eval_problems))
-        mine = self.eval_problems[lo:lo + share]
+        lo, mine = self._my_share(self.eval_problems)
         p1 = pk = distinct = ent = 0.0
         ntok = 0
         chunk = max(1, cfg.prompts_per_step * cfg.samples_per_prompt // n)
-        for i in range(0, len(mine), chunk):
-            probs = mine[i:i + chunk]
-            _, _, roll = self._rollout(probs, n, cfg.eval_temperature,
-                                       self._generators("eval", step, lo + i, len(probs)))
-            ent += float(torch.where(roll.mask, roll.stats.entropy, 0.0).sum())
-            ntok += int(roll.mask.sum())
-            for j, prob in enumerate(probs):
-                texts = roll.texts[j * n:(j + 1) * n]
-                ok = [self.task.score(prob, t) for t in texts]
-                c = sum(ok)
-                p1 += c / n
-                pk += pass_at_k(n, c, k)
-                distinct += len({self.task.answer_key(t) for t, o in zip(texts, ok) if o})
+        with self._full_weights():
+            for i in range(0, len(mine), chunk):
+                probs = mine[i:i + chunk]
+                _, _, roll = self._rollout(probs, n, cfg.eval_temperature,
+                                           self._generators("eval", step, lo + i, len(probs)))
+                ent += float(torch.where(roll.mask, roll.stats.entropy, 0.0).sum())
+                ntok += int(roll.mask.sum())
+                for j, prob in enumerate(probs):
+                    texts = roll.texts[j * n:(j + 1) * n]
+                    ok = [self.task.score(prob, t) for t in texts]
+                    c = sum(ok)
+                    p1 += c / n
+                    pk += pass_at_k(n, c, k)
+                    distinct += len({self.task.answer_key(t) for t, o in zip(texts, ok) if o})
         p1, pk, distinct, ent, ntok = self.dist.sum(p1, pk, distinct, ent, ntok)
         m = len(self.eval_problems)
         return {"pass_at_1": p1 / m, "pass_at_k": pk / m, "pass_k": float(k),
@@ -403,12 +468,18 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, "torch", step))  # any randomness inside the method
         batch = self._sample(step)
         t_gen = time.perf_counter() - t0
+        if cfg.predictor == "param" and self._optimizer_has_state():
+            batch.param = self._param_directional(batch)
+        t_param = time.perf_counter() - t0 - t_gen
         plan, row = self._plan(step, batch, rewards_override)
         row["time_generate"] = t_gen
+        if cfg.predictor == "param":
+            row["time_predictor"] = t_param
         if plan.skip:
             row.update(skipped="all_rejected" if plan.diagnostics.get("all_rejected") else "no_signal",
                        measured_entropy_change=0.0, predicted_entropy_change=0.0)
             self._scheduler_step()
+            self._advance_estimate(0.0)
             return self._timed(row, t0)
         t1 = time.perf_counter()
         before, nan = self._update(batch, plan, row)
@@ -416,13 +487,74 @@ class Trainer:
         if nan:
             self.nan_streak += 1
             row.update(skipped="nan_loss", measured_entropy_change=0.0, nan_streak=self.nan_streak)
+            self._advance_estimate(0.0)
             return self._timed(row, t0)
         self.nan_streak = 0
         if cfg.measure_entropy_change:
             t2 = time.perf_counter()
             self._measure(batch, before, row)
             row["time_measure"] = time.perf_counter() - t2
+        self._advance_estimate(float(row.get("measured_entropy_change", row["predicted_entropy_change"])))
         return self._timed(row, t0)
+
+    def _optimizer_has_state(self) -> bool:
+        """AdamW's first step has no second moment yet (its step is sign-like, not linear in the gradient):
+        the parameter-space predictor starts from the second step (SGD: from the first)."""
+        if isinstance(self.optimizer, torch.optim.SGD):
+            return True
+        return all("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in self.params)
+
+    def _advance_estimate(self, change: float) -> None:
+        """Process step of the entropy estimate: the policy moved by the last update's change."""
+        if self.estimate is not None and self.estimate.initialised:
+            self.estimate.predict(change, self.cfg.estimate_process_std ** 2)
+
+    def _functional_logits(self, params: tuple[torch.Tensor, ...], batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Logits / temperature of this rank's ``rows`` with the weights ``params`` (``torch.func``)."""
+        values = {f"model.{n}": p for n, p in zip(self.param_names, params)}
+        roll = batch.roll
+        with self.autocast():
+            logits = torch.func.functional_call(
+                _ResponseForward(self.model), values,
+                (batch.prompt_ids, batch.prompt_mask, roll.prompt_index[rows], roll.tokens[rows],
+                 self.cfg.share_prompt_prefix))
+        return logits.float() / self.cfg.temperature
+
+    def _param_directional(self, batch: Batch) -> ParamDirection:
+        """Parameter-space per-token contributions before the update (docs/theory.md §5).
+
+        One forward + backward of the batch's token-mean entropy gives ``grad Hbar`` (summed over micro-
+        batches and ranks); the optimiser's coming step ``dtheta = drift_step - G g`` is read from its
+        state (:func:`~entrotheory.param_space.preconditioner_from_optimizer`); two no-grad forwards at
+        ``theta +- h G grad Hbar`` give every token's ``s_t`` (central difference,
+        :func:`~entrotheory.param_space.logit_directional_derivative`)."""
+        cfg, d = self.cfg, self.dist
+        local_mask = batch.local_mask
+        B, T = local_mask.shape
+        m_total = float(batch.mask.sum())
+        first_order = FirstOrder(self.params, sharded=False)
+        chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
+        centre = []
+        self.model.eval()
+        for rows in chunks:
+            with torch.enable_grad():
+                logits = self._plain_logits(self.model, batch, rows)
+                first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
+            centre.append(logits.detach())
+        first_order.reduce(d)
+        step_map = preconditioner_from_optimizer(self.optimizer, self.params)
+        direction = [k * g for k, g in zip(step_map.gain, first_order.grad)]
+        curvature = float(first_order_entropy_change(first_order.grad, direction))  # <grad H, G grad H> >= 0
+        drift_step = [torch.zeros_like(g) if s is None else s for g, s in zip(first_order.grad, step_map.drift_step)]
+        drift = float(first_order_entropy_change(first_order.grad, drift_step))
+        h = DEFAULT_FD_STEP[torch.float32] / curvature if curvature > 0 else 0.0
+        s = torch.zeros(B, T, device=self.device)
+        for rows, z in zip(chunks, centre):
+            tangent = logit_directional_derivative(lambda ps, r=rows: self._functional_logits(ps, batch, r),
+                                                   self.params, direction, "fd", h)
+            tokens = batch.roll.tokens[rows]
+            s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
+        return ParamDirection(d.gather_rows(s), drift, first_order)
 
     def _timed(self, row: dict, t0: float) -> dict:
         elapsed = time.perf_counter() - t0
@@ -439,8 +571,9 @@ class Trainer:
         mine = problems[first:first + local]
         G = cfg.samples_per_prompt
         try:
-            prompt_ids, prompt_mask, roll = self._rollout(mine, G, cfg.temperature,
-                                                          self._generators("gen", step, first, local))
+            with self._full_weights():
+                prompt_ids, prompt_mask, roll = self._rollout(mine, G, cfg.temperature,
+                                                              self._generators("gen", step, first, local))
         except (ValueError, RuntimeError) as exc:  # NaN/inf logits while sampling: the weights are broken
             raise UserError(f"step {step}: sampling failed, the model produced invalid logits ({exc}); "
                             f"resume from an earlier checkpoint with a lower --lr (now {cfg.lr})") from None
@@ -480,15 +613,34 @@ class Trainer:
             scale = (n_tok / n_mb)[batch.mini_batch].unsqueeze(-1)
         else:
             scale = 1.0
+        lr_now = self.optimizer.param_groups[0]["lr"]
         contrib = token_entropy_contributions(stats, adv_tok, mask, rule=cfg.rule) * scale
+        extra: dict[str, float] = {}
+        control = entropy
+        if self.estimate is not None:  # aim a state estimate, not the noisy batch entropy, at the schedule
+            groups = torch.arange(mask.shape[0], device=mask.device) // G
+            _, var = batch_entropy_variance(stats.entropy, mask, groups)
+            control = self.estimate.update(entropy, float(var))
+            extra.update(entropy_estimate=control, entropy_estimate_std=math.sqrt(self.estimate.variance),
+                         batch_entropy_std=math.sqrt(float(var)), estimate_gain=self.estimate.gain)
+        drift = 0.0
+        if cfg.predictor == "param" and batch.param is None:
+            # AdamW's first step: the per-position contributions, on the scale of the logit predictor's prior
+            contrib = contrib * (cfg.calibration_prior if cfg.calibration_prior > 0 else 1.0)
+        if batch.param is not None:
+            # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the sampler's convention is
+            # per unit lr of the token-mean change times M^2 (docs/theory.md eq. 3.3), so that k ~ lr
+            drift = batch.param.drift
+            contrib = adv_tok * batch.param.directional * (scale / n_tok) * (n_tok ** 2 / lr_now)
+            extra["predicted_drift"] = drift
+        # the known drift is moved to the entropy side: the sampler chooses samples for target - H - drift
         plan = self.method.prepare(advantages=adv_tok, log_probs=stats.log_prob, old_log_probs=stats.log_prob,
-                                   mask=mask, entropy=entropy, step=step, contributions=contrib,
+                                   mask=mask, entropy=control + drift, step=step, contributions=contrib,
                                    rewards=rewards.reshape(-1).to(self.device))
         diag = plan.diagnostics
         groups_correct = correct.reshape(P, G)
         keys = batch.answer_keys
         distinct = [len({keys[p * G + g] for g in range(G) if groups_correct[p, g]}) for p in range(P)]
-        lr_now = self.optimizer.param_groups[0]["lr"]
         row: dict[str, float | str] = {
             "step": step,
             "entropy": entropy,
@@ -509,10 +661,18 @@ class Trainer:
                 row[renamed.get(key, key)] = diag[key]
         if "calibration_k" in row:
             row["calibration_factor"] = float(row["calibration_k"]) / lr_now
+        row.update(extra)
         # per-position (logit-space) prediction of the token-mean entropy change for the advantages actually
         # trained on, under the token-mean loss with the whole batch's normaliser (docs/theory.md eq. 3.3)
         c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule) * scale
-        row["predicted_entropy_change"] = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
+        logit_pred = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
+        row["predictor"] = "param" if batch.param is not None else "logit"
+        if batch.param is not None:  # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
+            row["predicted_entropy_change"] = drift + float(
+                (plan.advantages * batch.param.directional * scale / n_tok).sum())
+            row["predicted_entropy_change_logit"] = logit_pred
+        else:
+            row["predicted_entropy_change"] = logit_pred
         return plan, row
 
     def _update(self, batch: Batch, plan: MethodPlan, row: dict) -> tuple[_Before, bool]:
@@ -524,12 +684,16 @@ class Trainer:
         plan_local = plan.rows(batch.rows)
         minib = batch.mini_batch[batch.rows]
         n_mb = batch.mini_batch_tokens
-        before = _Before(torch.zeros(B, T, device=self.device), torch.zeros(B, T, device=self.device),
-                         FirstOrder(self.params, self.sharded, self.loss_scale) if cfg.exact_first_order else None)
+        first_order = None
+        if batch.param is not None:
+            first_order = batch.param.first_order  # grad Hbar of the parameter-space predictor, complete
+        elif cfg.exact_first_order:
+            first_order = FirstOrder(self.params, self.sharded, self.loss_scale)
+        before = _Before(torch.zeros(B, T, device=self.device), torch.zeros(B, T, device=self.device), first_order)
         groups = [(minib == m).nonzero().squeeze(-1) for m in range(cfg.mini_batches)]
         # later mini-batches see an updated policy, and FSDP's entropy gradient needs a backward of its own:
         # then the old policy is taken in a pass of its own before the first optimiser step
-        separate = cfg.mini_batches > 1 or (self.sharded and before.first_order is not None)
+        separate = cfg.mini_batches > 1 or (self.sharded and before.needs_gradient)
         if separate:
             self.optimizer.zero_grad(set_to_none=True)  # FSDP's entropy gradient lands in .grad
             self._record_before(batch, torch.arange(B, device=self.device), before, n_tok=sum(n_mb))
@@ -555,7 +719,7 @@ class Trainer:
                         lp = response_log_probs(logits, batch.roll.tokens[rows])
                         first = epoch == 0 and not separate
                         tok_ent = None
-                        if self.method.needs_token_entropy or (first and before.first_order is not None):
+                        if self.method.needs_token_entropy or (first and before.needs_gradient):
                             tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .>
                         if first:
                             before.store(rows, lp.detach(), logits, batch, tok_ent, n_tok)
@@ -606,9 +770,9 @@ class Trainer:
         """The pre-update policy on this rank's rows (old log-probs, entropies and, with
         ``--exact-first-order``, the entropy gradient), before any optimiser step."""
         for rows in idx.split(self.cfg.micro_batch_size):
-            with torch.enable_grad() if before.first_order is not None else contextlib.nullcontext():
+            with torch.enable_grad() if before.needs_gradient else contextlib.nullcontext():
                 logits = self._plain_logits(self.model, batch, rows)
-                tok_ent = policy_entropy(logits) if before.first_order is not None else None
+                tok_ent = policy_entropy(logits) if before.needs_gradient else None
                 before.store(rows, response_log_probs(logits, batch.roll.tokens[rows]).detach(), logits, batch,
                              tok_ent, n_tok)
 
@@ -630,7 +794,8 @@ class Trainer:
         row["measured_entropy_change"] = measured
         pred = float(row["predicted_entropy_change"])
         row["measured_over_predicted"] = measured / pred if pred != 0 else float("nan")
-        self.method.observe(measured)
+        # the sampler is calibrated on the sample-dependent part: the known drift is taken off (see _plan)
+        self.method.observe(measured - (batch.param.drift if batch.param is not None else 0.0))
 
     def _scheduler_step(self) -> None:
         """One learning-rate schedule step per training step, also for skipped steps."""
@@ -674,6 +839,7 @@ class Trainer:
             save_model(self.model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
         state = {"next_step": next_step, "method": self.method.state_dict(), "nan_streak": self.nan_streak,
+                 "estimate": self.estimate.state_dict() if self.estimate is not None else {},
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -724,6 +890,8 @@ class Trainer:
         except (ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {str(ckpt)!r} holds state for another method: {exc}") from None
         self.nan_streak = int(state["nan_streak"])
+        if self.estimate is not None and state.get("estimate"):
+            self.estimate.load_state_dict(state["estimate"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -890,6 +1058,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
                 row: dict = {}
                 if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
                     row.update(trainer.evaluate(step))
+                if cfg.probe_every and step % cfg.probe_every == 0:
+                    row.update(trainer.probe_entropy())
                 row = {**trainer.train_step(step), **row}
                 emit(row)
                 done_here += 1
@@ -919,7 +1089,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
                             trainer.device):
                     break
             if finished:
-                emit({"step": cfg.steps, "final": True, **trainer.evaluate(cfg.steps)})
+                emit({"step": cfg.steps, "final": True, **trainer.evaluate(cfg.steps), **trainer.probe_entropy()})
                 trainer.save_checkpoint(cfg.steps)
             else:
                 trainer.save_checkpoint(step + 1)

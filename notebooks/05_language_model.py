@@ -77,11 +77,13 @@ pd.DataFrame(smoke_rows)[["step", "entropy", "reward_mean", "signal_fraction", "
 # %% [markdown]
 # One step at a time: `Trainer` holds the model, optimiser, method and task, and `train_step(t)` is one GRPO
 # step: sample, score, select, update, measure. Here we use the Entrocraft predictive sampler with a target
-# below the random model's entropy, plus the exact first-order prediction.
+# below the random model's entropy, plus the exact first-order prediction, at a learning rate (3e-4, a
+# third of the preset's) where one AdamW step is small enough for first order to hold.
 
 # %%
 args = build_parser().parse_args(["--preset", "smoke", "--method", "entrocraft-predictive",
-                                  "--schedule", "linear:2.6->2.2", "--steps", "6", "--exact-first-order"])
+                                  "--schedule", "linear:2.6->2.2", "--steps", "6", "--exact-first-order",
+                                  "--lr", "3e-4"])
 cfg = config_from_args(args)
 trainer = Trainer(cfg, work / "smoke-entrocraft")
 t0 = time.perf_counter()

@@ -220,3 +220,23 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
     after = rows(out)
     assert [r["step"] for r in after if not r.get("final")] == list(range(len(done) + 1))
     assert after[-1].get("final") and after[-1]["step"] == len(done) + 1
+
+
+def test_probe_entropy_is_held_out_and_repeatable(tmp_path):
+    """The probe uses fixed held-out prompts and the same seeds every time: the same policy gives the same
+    value, and it is logged every probe_every steps and at the end."""
+    from llm.config import TrainConfig
+    from llm.train import Trainer
+
+    cfg = TrainConfig(model="smoke", arith_high=4, fewshot=2, prompts_per_step=2, samples_per_prompt=4,
+                      max_new_tokens=2, micro_batch_size=8, eval_prompts=0, probe_every=1, probe_prompts=3,
+                      plot=False, progress=False, tensorboard=False)
+    trainer = Trainer(cfg, tmp_path)
+    first = trainer.probe_entropy()["probe_entropy"]
+    assert trainer.probe_entropy()["probe_entropy"] == first and first > 0
+    train_prompts = {p.prompt for p in trainer.task.train_batch(64, __import__("random").Random(0))}
+    assert not train_prompts & {p.prompt for p in trainer.probe_problems}
+    code, out = run_cli(tmp_path, "probe", "--steps", "2", "--probe-every", "2", "--probe-prompts", "2")
+    assert code == 0
+    got = rows(out)
+    assert ["probe_entropy" in r for r in got] == [True, False, True]
