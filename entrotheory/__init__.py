@@ -22,6 +22,7 @@ from .param_space import (
     adam_preconditioner,
     first_order_entropy_change,
     param_space_contributions,
+    policy_loss_gradient,
     preconditioner_from_optimizer,
     sgd_preconditioner,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "preconditioner_from_optimizer",
     "param_space_contributions",
     "first_order_entropy_change",
+    "policy_loss_gradient",
     "EntropyStateEstimate",
     "batch_entropy_variance",
 ]

@@ -46,14 +46,15 @@ __all__ = [
     "entropy_param_gradient",
     "logit_directional_derivative",
     "first_order_entropy_change",
+    "policy_loss_gradient",
     "param_space_contributions",
 ]
 
 #: how the directional derivative of the logits is taken
 DERIVATIVE_METHODS = ("fd", "jvp")
 
-#: default finite-difference step of :func:`param_space_contributions`, as the first-order change of ``Hbar``
-#: (nats) along the perturbation, ``h <grad Hbar, G grad Hbar> = fd_step``, per parameter dtype; chosen where
+#: default finite-difference step of :func:`param_space_contributions`, as the largest first-order change of
+#: ``Hbar`` (nats) the perturbation can cause, ``h ||grad Hbar|| ||G grad Hbar|| = fd_step``, per dtype; chosen where
 #: the measured FD error against the JVP is smallest (truncation ~ h^2, rounding ~ eps / h; docs/theory.md §5.4)
 DEFAULT_FD_STEP = {torch.float64: 1e-4, torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -67,7 +68,8 @@ class StepPreconditioner:
 
     ``dtheta_i = drift_step_i - gain_i * g_i`` for every parameter tensor ``i`` (element-wise;
     ``gain_i`` broadcasts to ``theta_i``), where ``g`` is the gradient of the loss the step is taken
-    on. ``gain = lr P`` (SGD: ``P = 1``; Adam: ``lr (1 - beta1) / bc1 / (sqrt(vhat) + eps)``) and
+    on. ``gain = lr P`` (SGD: ``P = 1``; Adam: ``lr (1 - beta1) / bc1 / (sqrt(vhat) + eps)``, or the
+    Jacobian of Adam's step about a reference gradient, which may have either sign) and
     ``drift_step`` is the part of the step known before the gradient (momentum, weight decay);
     ``None`` means zero.
 
@@ -185,7 +187,7 @@ def _per_model(x: float | Tensor, like: Tensor, name: str) -> Tensor:
 def adam_preconditioner(
     params: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], steps_taken: float | Tensor,
     lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-    decoupled_weight_decay: bool = True, grads: Sequence[Tensor] | None = None,
+    decoupled_weight_decay: bool = True, grads: Sequence[Tensor] | None = None, linearize_v: bool = True,
 ) -> StepPreconditioner:
     """The next step of ``torch.optim.Adam``/``AdamW`` as a linear map of the gradient (eq. 5.2).
 
@@ -196,11 +198,19 @@ def adam_preconditioner(
     L2 weight decay (``decoupled_weight_decay=False``) adds ``wd theta`` to ``g`` instead:
     ``drift_step = -lr / bc1 P (beta1 m + (1 - beta1) wd theta)``.
 
-    ``vhat`` is held fixed within the step (the approximation of eq. 5.2): without ``grads`` it is the
-    current bias-corrected estimate ``v / (1 - beta2^(t-1))`` -- the fixed point of Adam's update when
-    the new ``g^2`` equals it, so the error is ``O((1 - beta2) / (1 - beta2^t))`` relative. With
-    ``grads`` (the step's own loss gradients, known after its backward pass) ``vhat`` is the exact
-    ``(beta2 v + (1 - beta2) g^2) / (1 - beta2^t)`` and the map is the optimiser's step exactly.
+    Without ``grads``, ``vhat`` is held fixed within the step (the approximation of eq. 5.2) at the current
+    bias-corrected estimate ``v / (1 - beta2^(t-1))`` -- the fixed point of Adam's update when the new
+    ``g^2`` equals it, so the error is ``O((1 - beta2) / (1 - beta2^t))`` relative.
+
+    With ``grads`` (a reference gradient ``g0``): ``linearize_v=True`` (default) takes the first-order
+    Taylor expansion of Adam's whole step in ``g`` about ``g0``, including ``vhat``'s dependence on ``g``
+    (eq. 5.2b): ``J = d dtheta / dg = -(lr / bc1) [(1 - beta1) P + (beta1 m + (1 - beta1) u0) dP/du]`` with
+    ``u0`` the effective gradient, ``dP/du = -P^2 (1 - beta2) u0 / (bc2 sqrt(vhat))``; ``gain = -J``. Its
+    error is second order in ``g - g0``; with ``g0`` the step's own gradient (known after its backward pass)
+    the map gives the optimiser's step exactly, and with ``g0`` the expected gradient of a selection (e.g.
+    the accepted fraction times the whole batch's gradient, :func:`policy_loss_gradient`) it is the best
+    linear map for choosing one. ``linearize_v=False`` holds ``vhat = (beta2 v + (1 - beta2) u0^2) / bc2``
+    fixed instead (also exact at ``g = g0``).
 
     Parameters
     ----------
@@ -208,7 +218,8 @@ def adam_preconditioner(
     steps_taken : steps already taken (torch's ``state["step"]``); a number, or a 1-D tensor with one
         count per model along every parameter's first dim (seed-batched parameters).
     lr, betas, eps, weight_decay, decoupled_weight_decay : as the torch optimiser.
-    grads : optional loss gradients of the coming step, one per parameter.
+    grads : optional reference loss gradients ``g0``, one per parameter.
+    linearize_v : with ``grads``, expand ``vhat``'s dependence on ``g`` too (see above).
     """
     params = _check_params(params)
     m_all = _matching(exp_avg, params, "exp_avg")
@@ -240,30 +251,46 @@ def adam_preconditioner(
                     "own gradient; take a warm-up step, or pass grads= after the backward pass"
                 )
             vhat = v / (1 - b2**taken)
+            precond = 1.0 / (vhat.sqrt() + eps)
+            gain = lr * (1 - b1) / bc1 * precond
+            drift = -lr * b1 / bc1 * precond * m
+            if wd:
+                drift = drift - (lr * wd * p if decoupled_weight_decay else gain * wd * p)
         else:
-            g_eff = g if (decoupled_weight_decay or not wd) else g + wd * p
-            vhat = (b2 * v + (1 - b2) * g_eff * g_eff) / bc2
-        precond = 1.0 / (vhat.sqrt() + eps)
-        gain = lr * (1 - b1) / bc1 * precond
-        drift = -lr * b1 / bc1 * precond * m
-        if wd:
-            drift = drift - (lr * wd * p if decoupled_weight_decay else gain * wd * p)
+            l2 = wd * p if (wd and not decoupled_weight_decay) else torch.zeros_like(p)
+            u0 = g + l2
+            vhat = (b2 * v + (1 - b2) * u0 * u0) / bc2
+            root = vhat.sqrt()
+            precond = 1.0 / (root + eps)
+            numer = b1 * m + (1 - b1) * u0
+            step0 = -lr / bc1 * numer * precond  # Adam's step at the reference gradient
+            jac = -lr / bc1 * (1 - b1) * precond
+            if linearize_v:
+                dp_du = torch.where(root > 0, -precond * precond * (1 - b2) * u0 / (bc2 * root.clamp(min=1e-300)),
+                                    torch.zeros_like(root))
+                jac = jac - lr / bc1 * numer * dp_du
+            gain = -jac
+            # dtheta(g) ~= step0 + jac (g + l2 - u0) = [step0 - jac g0] + jac g
+            drift = step0 - jac * g
+            if wd and decoupled_weight_decay:
+                drift = drift - lr * wd * p
         gains.append(gain)
         drifts.append(drift)
     return StepPreconditioner("adam", tuple(gains), tuple(drifts), exact=grads is not None)
 
 
 def preconditioner_from_optimizer(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor] | None = None
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor] | None = None,
+    linearize_v: bool = True,
 ) -> StepPreconditioner:
     """Read the next step of a real ``torch.optim.SGD``/``Adam``/``AdamW`` from its state (eq. 5.2).
 
     Hyperparameters come from each parameter's group (``lr``, ``betas``, ``eps``, ``weight_decay``,
     ``momentum``, ``dampening``, ``nesterov``), moments from ``optimizer.state[p]`` (``exp_avg``,
     ``exp_avg_sq``, ``step``, ``momentum_buffer``). ``params`` are the optimiser's own parameter tensors,
-    in the order ``logits_fn`` takes them; ``grads`` as in :func:`adam_preconditioner` (ignored by SGD,
-    whose map is exact anyway). Raises for any other optimiser and for options whose step is not of this
-    form (``maximize``, ``amsgrad``).
+    in the order ``logits_fn`` takes them; ``grads``, ``linearize_v`` as in :func:`adam_preconditioner`
+    (ignored by SGD, whose map is exact anyway). Raises for any other optimiser and for options whose step
+    is not of this form (``maximize``, ``amsgrad``).
     """
     params = _check_params(params)
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
@@ -296,7 +323,7 @@ def preconditioner_from_optimizer(
         v = state.get("exp_avg_sq", torch.zeros_like(p))
         parts.append(adam_preconditioner(
             [p], [m], [v], taken, group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"],
-            decoupled, grads=None if g is None else [g]))
+            decoupled, grads=None if g is None else [g], linearize_v=linearize_v))
     kinds = {x.kind for x in parts}
     return StepPreconditioner(
         kinds.pop(), tuple(x.gain[0] for x in parts), tuple(x.drift_step[0] for x in parts),
@@ -435,6 +462,42 @@ def first_order_entropy_change(entropy_grad: Sequence[Tensor], delta: Sequence[T
     return total
 
 
+def policy_loss_gradient(
+    logits_fn: LogitsFn, params: Sequence[Tensor], tokens: Tensor, advantages: Tensor, mask: Tensor | None = None,
+    normalizer: float | None = None,
+) -> tuple[Tensor, ...]:
+    """``grad_theta L`` of ``L = -(1/N) sum_{t in mask} A_t log pi(y_t)`` (one forward + backward).
+
+    Used as Adam's second-moment input before a selection is known (eq. 5.2): ``adam_preconditioner(...,
+    grads=policy_loss_gradient(...))`` holds ``v`` at its value after a step on the whole batch, which, unlike
+    the stale ``v`` of earlier steps, covers parameters this batch touches for the first time (e.g. the
+    embedding rows of new tokens, whose frozen ``v`` ~ 0 would give ``P ~ 1 / eps``). ``advantages`` per token
+    or per sequence; ``N`` defaults to the mask count. Shapes as :func:`param_space_contributions` (no
+    ``batch_dims``).
+    """
+    params = _check_params(params)
+    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError("tokens must be an integer torch.Tensor")
+    adv = _expand_advantages(check_float_tensor(advantages, "advantages"), tokens)
+    mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if mask is None else mask.to(torch.bool)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal tokens shape {tuple(tokens.shape)}")
+    count = float(mask.sum())
+    if count == 0:
+        raise ValueError("empty mask: no token enters the loss")
+    norm = count if normalizer is None else _check_hyper(normalizer, "normalizer", open_low=True)
+    leaves = tuple(p.detach().requires_grad_(True) for p in params)
+    with torch.enable_grad():
+        logits = _call(logits_fn, leaves)
+        _check_mask_shape(mask, logits, "tokens")
+        logp = torch.log_softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
+        safe = torch.where(mask, tokens, torch.zeros_like(tokens)).long()
+        lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        loss = -(torch.where(mask, adv.to(lp.dtype) * lp, torch.zeros_like(lp))).sum() / norm
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads))
+
+
 # ----------------------------------------------------------------------------- contributions
 @dataclass(frozen=True)
 class ParamSpaceContributions:
@@ -505,9 +568,9 @@ def param_space_contributions(
     mask : ``[...]`` bool, the tokens of both ``Hbar`` and the loss (default all).
     normalizer : the loss normaliser ``N`` (default the per-model mask count ``M``); number or ``[batch]``.
     method : ``"fd"`` (default) or ``"jvp"``, see :func:`logit_directional_derivative`.
-    fd_step : the FD step as the first-order change of ``Hbar`` it causes, ``h <grad Hbar, G grad Hbar>``
-        (nats; default ``DEFAULT_FD_STEP`` of the parameters' dtype): a function-space size, so the same
-        value suits any parameterisation.
+    fd_step : the FD step as the largest first-order change of ``Hbar`` it can cause,
+        ``h ||grad Hbar|| ||G grad Hbar||`` (nats; default ``DEFAULT_FD_STEP`` of the parameters' dtype):
+        a function-space size, so the same value suits any parameterisation.
     batch_dims : leading dims (0 or 1) that index independent models (e.g. seeds); every parameter then
         has that dim first, and ``Hbar``, ``N``, ``drift``, ``predicted`` are per model.
     entropy_weights : optional ``[...]`` weights ``w_t`` of an entropy term ``+ sum_t w_t H_t`` of the objective.
@@ -539,11 +602,13 @@ def param_space_contributions(
     direction = tuple(k * g for k, g in zip(preconditioner.gain, grad_h))
     step = None
     if method == "fd":
-        # h such that the perturbation moves Hbar by fd_step nats to first order: a function-space step size
-        curvature = first_order_entropy_change(grad_h, direction, batch_dims)  # <grad Hbar, G grad Hbar> >= 0
+        # h such that the perturbation can move Hbar by at most fd_step nats to first order (Cauchy-Schwarz,
+        # h ||grad Hbar|| ||d|| = fd_step): a function-space step size; d may be indefinite (linearised Adam)
+        size = torch.sqrt(first_order_entropy_change(grad_h, grad_h, batch_dims)
+                          * first_order_entropy_change(direction, direction, batch_dims))
         rel = DEFAULT_FD_STEP.get(params[0].dtype, 1e-3) if fd_step is None else _check_hyper(
             fd_step, "fd_step", open_low=True)
-        step = torch.where(curvature > 0, rel / curvature.clamp(min=1e-300), torch.zeros_like(curvature))
+        step = torch.where(size > 0, rel / size.clamp(min=1e-300), torch.zeros_like(size))
     tangent = logit_directional_derivative(logits_fn, params, direction, method, step, batch_dims)
     safe_tokens = torch.where(mask, tokens, torch.zeros_like(tokens))
     s = log_prob_tangent(logits, tangent, safe_tokens)

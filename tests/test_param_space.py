@@ -8,6 +8,7 @@ change of ``Hbar`` after the step, and per-token gradients by one backward pass 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -236,6 +237,48 @@ def test_adam_frozen_v_prediction_within_derived_bound(beta2):
     # the bound is informative: small against the change itself (1/t-sized v moves after 30 warm-up steps)
     assert bound < 0.25 * abs(truth), (bound, truth)
     assert abs(float(out_wrong.predicted) - truth) > 3 * bound, (float(out_wrong.predicted), truth, bound)
+
+
+def adam_step_with_grad(model, opt, state, grads):
+    """The real AdamW step from a saved state with the given gradient (set by hand), as dtheta."""
+    opt.load_state_dict(copy.deepcopy(state))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    opt.step()
+    delta = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    return delta
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_linearised_adam_is_the_first_order_expansion_of_the_real_step(decoupled):
+    """grads=g0 with linearize_v: drift_step - gain g equals the real AdamW step at g = g0 exactly and is its
+    tangent there: the error at g0 + e d shrinks 4x when e halves (second order), while holding v fixed at g0
+    (linearize_v=False) leaves a first-order error (2x)."""
+    model, opt = adam_setup(0.99, 3, decoupled=decoupled)
+    params = list(model.parameters())
+    state = copy.deepcopy(opt.state_dict())
+    g = torch.Generator().manual_seed(3)
+    g0 = [torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1 for p in params]
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1 for p in params]
+    lin = preconditioner_from_optimizer(opt, params, grads=g0)
+    fixed = preconditioner_from_optimizer(opt, params, grads=g0, linearize_v=False)
+    for a, b in zip(lin.step(g0), adam_step_with_grad(model, opt, state, g0)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+    def err(pre, e):
+        gs = [x + e * d for x, d in zip(g0, direction)]
+        real = adam_step_with_grad(model, opt, state, gs)
+        return math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(pre.step(gs), real)))
+
+    e_lin = [err(lin, 0.05 / 2**k) for k in range(3)]
+    e_fix = [err(fixed, 0.05 / 2**k) for k in range(3)]
+    assert 3.5 < e_lin[1] / e_lin[2] < 4.5, e_lin
+    assert 1.8 < e_fix[1] / e_fix[2] < 2.2, e_fix
+    assert e_lin[2] < 0.1 * e_fix[2]
 
 
 def test_adam_without_state_raises():
