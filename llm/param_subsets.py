@@ -152,7 +152,7 @@ def _accept_masks(rows: int, advantages: Tensor, count: int, seed: int) -> list[
 
 
 def run_optimizer(model: nn.Module, tokenizer, task, cfg: TrainConfig, kind: str, lr: float, batch: SubsetBatch,
-                  subsets: int, warmup: int, seed: int, prompts: int, samples: int) -> dict:
+                  subsets: int, warmup: int, seed: int, prompts: int, samples: int, method: str = "jvp") -> dict:
     """The subset experiment for one optimiser, from a copy of ``model``'s current weights."""
     model = copy.deepcopy(model)
     batch = SubsetBatch(batch.tokens, batch.mask, batch.advantages,
@@ -171,7 +171,8 @@ def run_optimizer(model: nn.Module, tokenizer, task, cfg: TrainConfig, kind: str
     t0 = time.perf_counter()
     fn = _logits_fn(batch, names)
     pre = preconditioner_from_optimizer(opt, params)
-    par = param_space_contributions(fn, params, batch.tokens, batch.advantages, pre, batch.mask, n_tok)
+    par = param_space_contributions(fn, params, batch.tokens, batch.advantages, pre, batch.mask, n_tok,
+                                    method=method)
     t_param = time.perf_counter() - t0
     par_lin = par
     if kind == "adamw":
@@ -179,7 +180,8 @@ def run_optimizer(model: nn.Module, tokenizer, task, cfg: TrainConfig, kind: str
         # probability ACCEPT, so E[g] = ACCEPT * (the whole batch's gradient) (eq. 5.2b)
         g_all = policy_loss_gradient(fn, params, batch.tokens, batch.advantages, batch.mask, n_tok)
         pre_lin = preconditioner_from_optimizer(opt, params, grads=[ACCEPT * g for g in g_all])
-        par_lin = param_space_contributions(fn, params, batch.tokens, batch.advantages, pre_lin, batch.mask, n_tok)
+        par_lin = param_space_contributions(fn, params, batch.tokens, batch.advantages, pre_lin, batch.mask, n_tok,
+                                            method=method)
     with torch.no_grad():
         stats = token_entropy_stats(batch.forward(), batch.tokens, batch.mask)
     c_logit = token_entropy_contributions(stats, batch.advantages.float(), batch.mask)
@@ -187,6 +189,7 @@ def run_optimizer(model: nn.Module, tokenizer, task, cfg: TrainConfig, kind: str
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     rows = []
+    print(f"{kind}: contributions in {t_param:.1f} s; {subsets} subsets ...", file=sys.stderr, flush=True)
     for accept in _accept_masks(batch.tokens.shape[0], batch.advantages, subsets, seed + 7):
         model.load_state_dict(saved_model)
         opt.load_state_dict(copy.deepcopy(saved_opt))  # load_state_dict keeps the tensors: Adam would mutate them
@@ -214,7 +217,8 @@ def run_optimizer(model: nn.Module, tokenizer, task, cfg: TrainConfig, kind: str
 
 
 def run(model_spec: str, out: Path, subsets: int = 30, prompts: int | None = None, samples: int | None = None,
-        lr_sgd: float | None = None, lr_adamw: float | None = None, warmup: int = 10, seed: int = 0) -> dict:
+        lr_sgd: float | None = None, lr_adamw: float | None = None, warmup: int = 10, seed: int = 0,
+        method: str = "jvp") -> dict:
     """The whole experiment; returns (and writes to ``out/param_subsets.json``) the payload."""
     if model_spec not in PRESET_OF_MODEL:
         raise UserError(f"--model must be one of {sorted(PRESET_OF_MODEL)}, got {model_spec!r}")
@@ -229,14 +233,17 @@ def run(model_spec: str, out: Path, subsets: int = 30, prompts: int | None = Non
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_spec, seed=seed)
     model = model.float()
+    if method == "jvp":  # forward-mode AD has no rule for the fused SDPA kernel
+        model.config._attn_implementation = "eager"
     task = make_task(cfg, tokenizer)
     batch = sample_batch(model, tokenizer, task, cfg, prompts, samples, seed)
     if not bool((batch.advantages != 0).any()):
         raise UserError("the sampled batch carries no signal (every group all-correct or all-wrong); try --seed")
-    results = [run_optimizer(model, tokenizer, task, cfg, kind, lr, batch, subsets, warmup, seed, prompts, samples)
-               for kind, lr in (("sgd", lr_sgd), ("adamw", lr_adamw))]
+    results = [run_optimizer(model, tokenizer, task, cfg, kind, lr, batch, subsets, warmup, seed, prompts, samples,
+                             method) for kind, lr in (("sgd", lr_sgd), ("adamw", lr_adamw))]
     payload = {
-        "experiment": "param-subsets", "model": model_spec, "preset": PRESET_OF_MODEL[model_spec], "seed": seed,
+        "experiment": "param-subsets", "model": model_spec, "method": method, "preset": PRESET_OF_MODEL[model_spec],
+        "seed": seed,
         "prompts": prompts, "samples_per_prompt": samples, "max_new_tokens": cfg.max_new_tokens,
         "response_tokens": int(batch.mask.sum()), "rows": int(batch.tokens.shape[0]),
         "batch_accuracy": batch.accuracy, "results": results,
@@ -274,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-adamw", type=float, default=None)
     parser.add_argument("--warmup", type=int, default=10, help="AdamW steps on other batches before the subsets")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="jvp", choices=["jvp", "fd"],
+                        help="directional derivative: jvp (exact; the model runs with eager attention) or fd")
     args = parser.parse_args(argv)
     try:
         payload = run(args.model, args.out, args.subsets, args.prompts, args.samples, args.lr_sgd, args.lr_adamw,
-                      args.warmup, args.seed)
+                      args.warmup, args.seed, args.method)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

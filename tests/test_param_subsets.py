@@ -28,3 +28,13 @@ def test_smoke_subset_experiment(tmp_path, capsys):
     assert payload["results"][1]["warmup_steps"] == 10
     assert (tmp_path / "param_subsets.md").read_text() == table(payload)
     assert "logit-space" in capsys.readouterr().out
+
+
+def test_validation_doc_quotes_the_saved_smollm2_run():
+    """docs/validation.md quotes the table that `table` makes from the saved SmolLM2 run (cannot drift)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    payload = json.loads((root / "docs" / "data" / "param_subsets_embedded.json").read_text())
+    assert payload["model"] == "embedded" and all(len(r["subsets"]) >= 30 for r in payload["results"])
+    assert table(payload) in (root / "docs" / "validation.md").read_text()
