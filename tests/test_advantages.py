@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entrotheory.advantages import ESTIMATORS, compute_advantages
+from entrotheory.advantages import ESTIMATORS, compute_advantages, compute_group_advantages
 
 rewards_st = st.integers(1, 5).flatmap(
     lambda p: st.integers(2, 8).flatmap(
@@ -25,8 +26,15 @@ def test_known_values():
     rloo, _ = compute_advantages(r, "rloo")
     # r_0 - mean(r_1, r_2, r_3) = 1 - 1/3
     assert rloo[0, 0].item() == pytest.approx(2 / 3) and rloo[0, 1].item() == pytest.approx(-2 / 3)
-    rf, _ = compute_advantages(r, "reinforce")
+    rf, _ = compute_advantages(r, "reinforce-baseline")
     assert torch.allclose(rf, r - 0.75)  # batch-mean baseline keeps the all-correct group's signal
+    released, _ = compute_advantages(r, "reinforce")
+    assert torch.equal(released, r)  # the Entrocraft release's REINFORCE baseline: the raw reward
+    # TRL scale_rewards="batch": group baseline, one unbiased std over the 8 rewards (6 ones, 2 zeros)
+    batch_std = (6 * 0.25**2 + 2 * 0.75**2) / 7
+    bs, _ = compute_advantages(r, "grpo-batch-std", eps=1e-4)
+    assert torch.allclose(bs[0], (torch.tensor([1.0, 0, 0, 1]) - 0.5) / (batch_std**0.5 + 1e-4))
+    assert torch.equal(bs[1], torch.zeros(4))
     raw, _ = compute_advantages(r, "raw")
     assert torch.equal(raw, r)
 
@@ -49,7 +57,7 @@ def test_estimator_invariants(rows, estimator):
     assert adv.shape == r.shape and adv.dtype == torch.float64 and torch.isfinite(adv).all()
     flat = (r == r[:, :1]).all(-1)
     assert info["zero_signal_groups"] == int(flat.sum())
-    if estimator in ("grpo", "dr-grpo", "rloo"):
+    if estimator in ("grpo", "grpo-batch-std", "dr-grpo", "rloo"):
         assert torch.allclose(adv.sum(-1), torch.zeros(r.shape[0], dtype=torch.float64), atol=1e-9)
         assert (adv[flat] == 0).all()
         # order-preserving within a group: better reward, larger advantage
@@ -61,8 +69,10 @@ def test_estimator_invariants(rows, estimator):
         if ok.any():
             assert torch.allclose(adv[ok].std(-1, unbiased=True), torch.ones(int(ok.sum()), dtype=torch.float64),
                                   atol=1e-4)
-    if estimator == "reinforce":
+    if estimator == "reinforce-baseline":
         assert abs(float(adv.sum())) < 1e-9
+    if estimator in ("reinforce", "raw"):
+        assert torch.equal(adv, r)
 
 
 def test_bad_input():
@@ -98,3 +108,46 @@ def test_groups_of_one_on_cuda():
     r = torch.tensor([[2.0], [-1.0]], device="cuda")
     adv, info = compute_advantages(r, "grpo")
     assert adv.device == r.device and info["zero_signal_groups"] == 0
+
+
+def test_unequal_groups_by_uid_hand_computed():
+    """Groups of sizes 3, 1 and 2, interleaved, ids as strings (verl's uid): values by hand."""
+    r = torch.tensor([1.0, 5.0, 0.0, 2.0, 0.0, 4.0])
+    uid = np.array(["a", "b", "a", "c", "a", "c"], dtype=object)
+    adv, info = compute_group_advantages(r, uid, "grpo")
+    std_a = (((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2) ** 0.5  # group a = [1, 0, 0], mean 1/3
+    std_c = 2**0.5  # group c = [2, 4], mean 3
+    expected = torch.tensor([(2 / 3) / (std_a + 1e-6), 5 / (1 + 1e-6), (-1 / 3) / (std_a + 1e-6),
+                             -1 / (std_c + 1e-6), (-1 / 3) / (std_a + 1e-6), 1 / (std_c + 1e-6)])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert info["num_groups"] == 3 and info["group_size"] == 3 and info["min_group_size"] == 1
+    rloo, _ = compute_group_advantages(r, uid, "rloo")
+    assert torch.allclose(rloo, torch.tensor([1.0, 5.0, -0.5, -2.0, -0.5, 2.0]))  # r_i - mean of the others
+    dr, _ = compute_group_advantages(r, uid, "dr-grpo")
+    assert torch.allclose(dr, torch.tensor([2 / 3, 5.0, -1 / 3, -1.0, -1 / 3, 1.0]))
+    ints, _ = compute_group_advantages(r, torch.tensor([7, 3, 7, 9, 7, 9]), "grpo")
+    assert torch.equal(ints, adv)
+
+
+@given(rewards_st, st.sampled_from(ESTIMATORS))
+@settings(max_examples=40, deadline=None)
+def test_grouped_equals_rectangular_for_equal_groups(rows, estimator):
+    r = torch.tensor(rows, dtype=torch.float64)
+    p, g = r.shape
+    perm = torch.randperm(p * g, generator=torch.Generator().manual_seed(p * 31 + g))
+    uid = torch.arange(p).repeat_interleave(g)[perm]
+    flat_adv, info = compute_group_advantages(r.reshape(-1)[perm], uid, estimator)
+    rect, rinfo = compute_advantages(r, estimator)
+    assert torch.allclose(flat_adv, rect.reshape(-1)[perm], atol=1e-12)
+    assert info["zero_signal_groups"] == rinfo["zero_signal_groups"]
+
+
+def test_grouped_bad_input():
+    with pytest.raises(ValueError, match="one per response"):
+        compute_group_advantages(torch.ones(3), torch.tensor([0, 1]), "grpo")
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        compute_group_advantages(torch.ones(2, 2), torch.tensor([0, 1]), "grpo")
+    with pytest.raises(ValueError, match="integer"):
+        compute_group_advantages(torch.ones(2), torch.tensor([0.0, 1.0]), "grpo")
+    with pytest.raises(ValueError, match="NaN"):
+        compute_group_advantages(torch.tensor([1.0, float("nan")]), [0, 0], "grpo")
