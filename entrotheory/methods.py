@@ -10,7 +10,9 @@ Every method is built by :func:`make_method` from :data:`METHODS` and used in tw
    micro-batch, reduced with :func:`masked_token_mean` by the masked-token count of the WHOLE batch.
 
 The token loss is the PPO clipped surrogate ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``,
-``r = exp(log pi - log pi_old)``, plus the method's terms (Clip-Cov detach, KL-Cov penalty
+``r = exp(log pi - log pi_old)``, bounded on ``A < 0`` tokens by the dual clip ``-A clip_ratio_c`` (verl's
+``clip_ratio_c``, default 3), with the token ratio or GSPO's sequence ratio (``importance_ratio``), plus the
+method's terms (Clip-Cov detach, KL-Cov penalty
 ``kl_coef |log pi - log pi_old|`` on its tokens, entropy bonus ``-coef H_t``). KL-Cov follows verl by
 default (``verl_compat=True``): no clip, ``-A r`` on every token. A rejected or zeroed token trains with
 advantage 0 and keeps its place in the normaliser (§4.5).
@@ -36,7 +38,10 @@ __all__ = [
     "EntropyMethod",
     "make_method",
     "masked_token_mean",
+    "LOSS_AGG_MODES",
+    "aggregate_loss",
     "clipped_surrogate",
+    "sequence_log_ratio",
     "ppo_clipped",
     "token_covariance",
 ]
@@ -65,14 +70,116 @@ def masked_token_mean(loss_tok: Tensor, mask: Tensor, normalizer: float | Tensor
     return total / n_val
 
 
-def clipped_surrogate(
-    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, eps_low: float, eps_high: float
+#: loss aggregation modes of :func:`aggregate_loss`: verl's ``loss_agg_mode`` values and TRL's ``loss_type``
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+                  "grpo", "bnpo", "dr_grpo")
+
+
+def _count(value: float | int | Tensor | None, default: Tensor, name: str) -> Tensor | float:
+    if value is None:
+        return default
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite count >= 0, got {v}")
+    return v
+
+
+def aggregate_loss(
+    loss_tok: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+    horizon: float | None = None,
 ) -> Tensor:
-    """PPO token loss ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``[B, T]`` (§4.6)."""
-    ratio = torch.exp((log_probs - old_log_probs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    """A ``[B, T]`` token loss reduced to a scalar the way verl or TRL does (docs/theory.md §4.5).
+
+    With ``m`` the mask, ``n_b = sum_t m_bt`` and ``S_b = sum_t l_bt m_bt``:
+
+    =========================  ==========================================================================
+    ``token-mean`` / ``bnpo``  ``sum_b S_b / N_tok``; ``N_tok = num_tokens`` (default ``sum m``)
+    ``token-sum``              ``sum_b S_b``
+    ``seq-mean-token-sum``     ``sum_{b: n_b > 0} S_b / N_seq``
+    ``seq-mean-token-mean``    ``sum_{b: n_b > 0} (S_b / n_b) / N_seq``
+    ``seq-mean-token-sum-norm``  ``seq-mean-token-sum / horizon`` (default ``horizon = T``)
+    ``grpo`` (TRL)             ``sum_b S_b / max(n_b, 1) / N_seq`` with ``N_seq`` counting every row
+    ``dr_grpo`` (TRL)          ``sum_b S_b / (N_seq horizon)``, every row counted, ``horizon`` =
+                               ``max_completion_length`` (default T)
+    =========================  ==========================================================================
+
+    ``N_seq = num_sequences``, by default the rows with ``n_b > 0`` (verl's modes) or all B rows (TRL's).
+    Give ``num_tokens`` / ``num_sequences`` of the WHOLE batch to make micro-batch losses add up to the
+    batch loss (the convention of §4.5); leave them ``None`` for the micro-batch's own counts (the release's
+    convention). verl multiplies by ``dp_size`` on top of a global count (its gradients are averaged over
+    ranks); that factor is the caller's. A zero count returns a zero that keeps the graph (no NaN).
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+    if loss_tok.ndim != 2 or loss_tok.shape != mask.shape:
+        raise ValueError(f"loss_tok {tuple(loss_tok.shape)} and mask {tuple(mask.shape)} must be the same [B, T]")
+    m = mask.to(torch.bool)
+    per_row = torch.where(m, loss_tok, torch.zeros_like(loss_tok)).sum(-1)
+    n_b = m.sum(-1)
+    if mode in ("token-mean", "bnpo"):
+        return _safe_div(per_row.sum(), _count(num_tokens, n_b.sum(), "num_tokens"))
+    if mode == "token-sum":
+        return per_row.sum()
+    if horizon is not None and (not math.isfinite(float(horizon)) or float(horizon) <= 0):
+        raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
+    h = float(horizon) if horizon is not None else float(loss_tok.shape[-1])
+    if mode in ("grpo", "dr_grpo"):
+        n_seq = _count(num_sequences, torch.tensor(float(loss_tok.shape[0])), "num_sequences")
+        if mode == "grpo":
+            return _safe_div((per_row / n_b.clamp(min=1)).sum(), n_seq)
+        return _safe_div(per_row.sum(), n_seq * h if isinstance(n_seq, float) else n_seq * h)
+    live = n_b > 0
+    n_seq = _count(num_sequences, live.sum(), "num_sequences")
+    if mode == "seq-mean-token-mean":
+        per_row = torch.where(live, per_row / n_b.clamp(min=1), torch.zeros_like(per_row))
+    loss = _safe_div(per_row.sum(), n_seq)
+    return loss / h if mode == "seq-mean-token-sum-norm" else loss
+
+
+def _safe_div(total: Tensor, count: Tensor | float) -> Tensor:
+    c = float(count)
+    return total * 0.0 if c == 0 else total / c
+
+
+def sequence_log_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's per-token log ratio ``log pi_t - sg(log pi_t) + sg(mean_t (log pi - log pi_old))``, ``[B, T]``.
+
+    Its value is the sequence's length-normalised log importance ratio ``log s_b`` at every position, and
+    its gradient is ``grad log pi_t`` (Zheng et al. 2025, GSPO; verl's ``compute_policy_loss_gspo``).
+    """
+    m = mask.to(torch.bool)
+    diff = torch.where(m, log_probs - old_log_probs, torch.zeros_like(log_probs))
+    seq = diff.sum(-1) / m.sum(-1).clamp(min=1)
+    return log_probs - log_probs.detach() + seq.detach().unsqueeze(-1)
+
+
+def clipped_surrogate(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    eps_low: float,
+    eps_high: float,
+    clip_ratio_c: float | None = None,
+    log_ratio: Tensor | None = None,
+) -> Tensor:
+    """PPO token loss ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``[B, T]`` (§4.6).
+
+    ``clip_ratio_c`` (``> 1``; None: off): dual-clip PPO (Ye et al. 2020, verl's ``clip_ratio_c``): on
+    ``A < 0`` tokens the loss is ``min(-A c, max(-A r, -A clip(r)))``. ``log_ratio``: the log ratio to use
+    (e.g. :func:`sequence_log_ratio` for GSPO); default ``log pi - log pi_old``, clamped to ``[-20, 20]``.
+    """
+    lr = (log_probs - old_log_probs) if log_ratio is None else log_ratio
+    ratio = torch.exp(lr.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
-    return -torch.minimum(unclipped, clipped)
+    loss = -torch.minimum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_ratio_c), loss)
+    return loss
 
 
 def token_covariance(advantages: Tensor, log_probs: Tensor, mask: Tensor) -> Tensor:
@@ -129,8 +236,9 @@ class MethodPlan:
     (nothing to train on: the loop skips the optimiser step), ``detach`` (Clip-Cov: tokens whose
     gradient is removed), ``kl_mask`` (KL-Cov: tokens with the KL penalty), ``entropy_coef``
     (bonus coefficient in effect this step), ``eps_low``/``eps_high`` (KL-Cov with ``verl_compat``:
-    ``1`` / ``inf``, i.e. no clipping), ``kl_coef``, ``sign_source`` (the values whose signs define the
-    positive and negative samples of the acceptance diagnostics, when they are not the given
+    ``1`` / ``inf``, i.e. no clipping), ``clip_ratio_c`` (dual clip on ``A < 0``, None: off),
+    ``importance_ratio`` (``"token"`` or GSPO's ``"sequence"``), ``kl_coef``, ``sign_source`` (the values
+    whose signs define the positive and negative samples of the acceptance diagnostics, when they are not the given
     advantages: the raw rewards under ``source="rewards"`` or Entrocraft's ``exact_reference``).
     """
 
@@ -143,6 +251,8 @@ class MethodPlan:
     entropy_coef: float = 0.0
     eps_low: float = 0.2
     eps_high: float = 0.2
+    clip_ratio_c: float | None = None
+    importance_ratio: str = "token"
     kl_coef: float = 0.0
     sign_source: Tensor | None = field(default=None, repr=False)
 
@@ -165,13 +275,16 @@ class EntropyMethod:
     Subclasses override :meth:`_transform` (advantage/acceptance/flags) and declare their
     options in ``OPTIONS`` (name -> default). Common options for every method: ``eps_low``,
     ``eps_high``, ``total_steps``, ``rule`` (``"pg"``/``"npg"``, the rule for which callers
-    compute contributions), ``lr`` (used by predictive calibration; recorded otherwise).
+    compute contributions), ``lr`` (used by predictive calibration; recorded otherwise), ``clip_ratio_c``
+    (dual clip on ``A < 0`` tokens, verl's default 3; None: off), ``importance_ratio`` (``"token"``, or
+    ``"sequence"`` for GSPO's length-normalised sequence ratio; the release ran GSPO with the band rule).
     """
 
     name = "vanilla"
     needs_token_entropy = False
     needs_contributions = False
-    COMMON: dict[str, object] = {"eps_low": 0.2, "eps_high": 0.2, "total_steps": None, "rule": "pg", "lr": 1.0}
+    COMMON: dict[str, object] = {"eps_low": 0.2, "eps_high": 0.2, "total_steps": None, "rule": "pg", "lr": 1.0,
+                                 "clip_ratio_c": 3.0, "importance_ratio": "token"}
     OPTIONS: dict[str, object] = {}
 
     def __init__(self, **options: object) -> None:
@@ -183,8 +296,16 @@ class EntropyMethod:
         self._given = frozenset(options)
         self.eps_low = _as_float(self.options["eps_low"], "eps_low")
         self.eps_high = _as_float(self.options["eps_high"], "eps_high")
-        if not (0 <= self.eps_low < 1) or self.eps_high < 0:
-            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if not (0 <= self.eps_low <= 1) or self.eps_high < 0:
+            raise ValueError(f"need 0 <= eps_low <= 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        c = self.options["clip_ratio_c"]
+        self.clip_ratio_c: float | None = None if c is None else _as_float(c, "clip_ratio_c")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c (dual clip) must be > 1 or None, got {self.clip_ratio_c}")
+        if self.options["importance_ratio"] not in ("token", "sequence"):
+            raise ValueError(f"importance_ratio must be 'token' or 'sequence' (GSPO), got "
+                             f"{self.options['importance_ratio']!r}")
+        self.importance_ratio: str = self.options["importance_ratio"]  # type: ignore[assignment]
         self.rule = check_rule(str(self.options["rule"]))
         ts = self.options["total_steps"]
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts <= 0):
@@ -268,11 +389,17 @@ class EntropyMethod:
             diag.setdefault("note", "nothing to train on (all advantages zero or rejected): skip the update")
         plan.diagnostics = diag
         plan.eps_low, plan.eps_high = self._plan_eps()
+        plan.clip_ratio_c = self._plan_dual_clip()
+        plan.importance_ratio = self.importance_ratio
         return plan
 
     def _plan_eps(self) -> tuple[float, float]:
         """The clip range the token loss uses (KL-Cov under ``verl_compat``: none)."""
         return self.eps_low, self.eps_high
+
+    def _plan_dual_clip(self) -> float | None:
+        """The dual clip the token loss uses (verl's Clip-Cov, KL-Cov and GSPO losses have none)."""
+        return None if self.importance_ratio == "sequence" else self.clip_ratio_c
 
     def _source(self, adv: Tensor, rewards: Tensor | None, mask: Tensor) -> Tensor:
         """Advantages or, with ``source="rewards"``, the raw rewards broadcast to ``[B, T]``."""
@@ -300,7 +427,8 @@ class EntropyMethod:
     ) -> Tensor:
         """Per-token loss ``[B, T]`` with gradients through ``log_probs`` (and ``token_entropy``).
 
-        ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``; Clip-Cov tokens detached; plus
+        ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` (dual-clipped on ``A < 0`` by ``clip_ratio_c``;
+        with ``importance_ratio="sequence"`` ``r`` is GSPO's sequence ratio); Clip-Cov tokens detached; plus
         ``kl_coef |log pi - log pi_old|`` on KL-Cov tokens; minus ``entropy_coef * H_t``. Zero off-mask.
         """
         if log_probs.shape != plan.advantages.shape or old_log_probs.shape != log_probs.shape:
@@ -310,7 +438,9 @@ class EntropyMethod:
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal {tuple(log_probs.shape)}")
         m = mask.to(torch.bool)
         old = old_log_probs.detach()
-        loss = clipped_surrogate(log_probs, old, plan.advantages.to(log_probs.dtype), plan.eps_low, plan.eps_high)
+        log_ratio = sequence_log_ratio(log_probs, old, m) if plan.importance_ratio == "sequence" else None
+        loss = clipped_surrogate(log_probs, old, plan.advantages.to(log_probs.dtype), plan.eps_low, plan.eps_high,
+                                 plan.clip_ratio_c, log_ratio)
         if plan.detach is not None:
             loss = torch.where(plan.detach, loss.detach(), loss)
         if plan.kl_mask is not None and plan.kl_coef != 0:
@@ -418,6 +548,10 @@ class _CovMethod(EntropyMethod):
 
     def _count(self, mask: Tensor) -> int:
         return max(int(self.ratio * int(mask.sum())), 1)
+
+    def _plan_dual_clip(self) -> float | None:
+        # verl's compute_policy_loss_clip_cov / _kl_cov apply no dual clip (clip_ratio_c is accepted, unused)
+        return None if self.verl_compat else super()._plan_dual_clip()
 
     def state_dict(self):
         return {"name": self.name, "generator": self.generator.get_state()}
@@ -557,11 +691,12 @@ class EntroPIC(EntropyMethod):
 
     ``e = H - target(step)``; ``alpha = clip(I + kp e, -alpha_max, alpha_max)``; ``I <- I + ki e``
     (the release: ``alpha <- alpha_prev + e``, stored ``alpha - 0.99 e``, i.e. kp = 1, ki = 0.01).
-    Positive advantages weighted ``1 + alpha``, negative ``1 - alpha``.
+    Positive advantages weighted ``1 + alpha``, negative ``1 - alpha``. ``source="rewards"`` weights the
+    raw rewards instead of the given advantages, as the release does.
     """
 
     name = "entropic"
-    OPTIONS = {"target": 0.5, "schedule": None, "kp": 1.0, "ki": 0.01, "alpha_max": 1.0}
+    OPTIONS = {"target": 0.5, "schedule": None, "kp": 1.0, "ki": 0.01, "alpha_max": 1.0, "source": "advantages"}
 
     def _setup(self) -> None:
         if self.options["schedule"] is not None:
@@ -569,6 +704,8 @@ class EntroPIC(EntropyMethod):
         self.target = self._target()
         self.kp, self.ki = _as_float(self.options["kp"], "kp"), _as_float(self.options["ki"], "ki")
         self.alpha_max = _as_float(self.options["alpha_max"], "alpha_max")
+        if self.options["source"] not in ("advantages", "rewards"):
+            raise ValueError(f"source must be 'advantages' or 'rewards', got {self.options['source']!r}")
         self.integral = 0.0
         self.alpha = 0.0
 
@@ -577,10 +714,12 @@ class EntroPIC(EntropyMethod):
         e = h - target
         self.alpha = max(-self.alpha_max, min(self.alpha_max, self.integral + self.kp * e))
         self.integral += self.ki * e
-        w = torch.where(adv > 0, torch.full_like(adv, 1 + self.alpha), torch.full_like(adv, 1 - self.alpha))
-        return MethodPlan(advantages=adv * w, accepted=mask.clone(),
+        a = self._source(adv, rewards, mask)
+        w = torch.where(a > 0, torch.full_like(a, 1 + self.alpha), torch.full_like(a, 1 - self.alpha))
+        return MethodPlan(advantages=a * w, accepted=mask.clone(),
                           diagnostics={"alpha": self.alpha, "target_entropy": target,
-                                       "regime": "above" if e > 0 else "below"})
+                                       "regime": "above" if e > 0 else "below"},
+                          sign_source=None if a is adv else a)
 
     def state_dict(self):
         return {"name": self.name, "integral": self.integral, "alpha": self.alpha}
@@ -594,7 +733,8 @@ class _Entrocraft(EntropyMethod):
     MODE = "band"
     OPTIONS = {"target": None, "schedule": None, "band": None, "width": None, "exact_reference": False,
                "k_scale": 1.0, "k_init": None, "k_min": None, "k_max": None, "forget": 0.9, "huber": 3.0,
-               "fit_offset": True, "offset_prior": 0.1, "tolerance": 0.0, "unit": "sample", "contribution_norm": "auto"}
+               "fit_offset": True, "offset_prior": 0.1, "tolerance": 0.0, "unit": "sample", "contribution_norm": "auto",
+               "step_offset": 0}
     DEFAULT_TARGET = "linear:0.6->0.4..linear:0.7->0.5"
 
     def _setup(self) -> None:
@@ -603,7 +743,7 @@ class _Entrocraft(EntropyMethod):
             raise ValueError(f"method {self.name!r}: give only one of target/schedule/band, got {given}")
         target = self.options[given[0]] if given else self.DEFAULT_TARGET
         keys = ("width", "k_scale", "k_init", "k_min", "k_max", "forget", "huber", "fit_offset", "offset_prior",
-                "tolerance", "unit", "contribution_norm", "lr")
+                "tolerance", "unit", "contribution_norm", "lr", "step_offset")
         opts = {k: self.options[k] for k in keys if self.options[k] is not None}
         if self.MODE == "band":
             opts["exact_reference"] = self.options["exact_reference"]

@@ -225,6 +225,9 @@ class EntropyRejectionSampler:
         and the fewest-rejections prefix within it is taken. Default 0 (closest prefix).
     unit : ``"sample"`` (default: a row of a ``[B, T]`` batch is accepted or rejected as a whole)
         or ``"token"`` (each masked token separately).
+    step_offset : int ``>= 0`` added to the caller's step before the schedules are read (default 0). The
+        release counts steps from 1 (verl's ``global_steps``): a loop counting from 0 reproduces its band
+        with ``step_offset=1``; a loop that passes verl's ``global_steps`` keeps 0.
     contribution_norm : ``"auto"`` (default), ``"sum"`` or ``"mean"``. The predicted change per
         unit ``k`` of an accepted set is ``sum(c_accepted) / norm``; ``"auto"`` uses ``norm = 1``
         for 1-D input (``entropy_change_contributions`` already divides by N) and, for ``[B, T]``
@@ -235,7 +238,7 @@ class EntropyRejectionSampler:
     """
 
     _OPTIONS = ("width", "exact_reference", "lr", "k_scale", "k_init", "k_min", "k_max", "forget", "huber",
-                "fit_offset", "offset_prior", "tolerance", "unit", "contribution_norm")
+                "fit_offset", "offset_prior", "tolerance", "unit", "contribution_norm", "step_offset")
 
     def __init__(self, target: object, mode: str = "band", total_steps: int | None = None, **options: object):
         unknown = sorted(set(options) - set(self._OPTIONS))
@@ -274,6 +277,10 @@ class EntropyRejectionSampler:
             fit_offset=bool(options.get("fit_offset", True)),
             offset_prior=_as_float(options.get("offset_prior", 0.1), "offset_prior"),
         )
+        offset = options.get("step_offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"step_offset must be an int >= 0, got {offset!r}")
+        self.step_offset: int = offset
         self._pending: float | None = None
         self.last_diagnostics: dict[str, float | str] = {}
 
@@ -398,6 +405,7 @@ class EntropyRejectionSampler:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         valid, m, expand, n_tok = self._items(adv, mask)
+        t = step + self.step_offset  # the step at which the schedules are read
         contrib = None
         if contributions is not None:
             contrib = check_float_tensor(contributions, "contributions")
@@ -417,7 +425,7 @@ class EntropyRejectionSampler:
         trains_on_rewards = False  # exact_reference outside the band: train_adv are the raw rewards
 
         if self.mode == "band":
-            lo, up = self.band.lower(step), self.band.upper(step)  # type: ignore[union-attr]
+            lo, up = self.band.lower(t), self.band.upper(t)  # type: ignore[union-attr]
             regime = "above" if h > up else ("below" if h < lo else "inside")
             diag.update(lower=lo, upper=up, target_entropy=0.5 * (lo + up), regime=regime)
             if self.exact_reference and regime != "inside":
@@ -439,14 +447,14 @@ class EntropyRejectionSampler:
             diag["desired_change"] = diag["target_entropy"] - h
             diag["saturated"] = 0.0
         else:
-            target_next = self.target_entropy(step + 1)
+            target_next = self.target_entropy(t + 1)
             desired = target_next - h
             keep, saturated, m_rej = self._predictive_keep(s, valid, (desired - b) / k, self.tolerance / k)  # type: ignore[arg-type]
             diag.update(target_entropy=target_next, desired_change=desired, saturated=float(saturated),
                         regime="below" if desired > 0 else ("above" if desired < 0 else "on-target"),
                         wrong_way_rejected=float(m_rej))
             if self.band is not None:
-                diag.update(lower=self.band.lower(step + 1), upper=self.band.upper(step + 1))
+                diag.update(lower=self.band.lower(t + 1), upper=self.band.upper(t + 1))
 
         accepted = expand(keep)
         out_adv = torch.where(accepted, train_adv, torch.zeros_like(train_adv))

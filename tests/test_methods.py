@@ -310,3 +310,112 @@ def test_methods_make_no_tensor_on_the_default_device():
             loss = m.token_loss(plan, lp, old, mask, token_entropy=tok_h)
             m.observe(-0.001)
         assert loss.device.type == "cpu" and plan.accepted.device.type == "cpu", name
+
+
+# ----------------------------------------------------------------------------- fidelity to verl / TRL / the release
+def test_dual_clip_bounds_negative_advantage_tokens_hand_computed():
+    from entrotheory.methods import clipped_surrogate
+
+    lp = torch.log(torch.tensor([[5.0, 2.0, 5.0, 0.5]]))
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -2.0]])
+    # r = 5, A = -1: max(-A r, -A clip(r)) = max(5, 1.2) = 5, dual clip min(5, 3) = 3
+    # r = 2, A = -1: max(2, 1.2) = 2 < 3; r = 5, A = +1: -min(5, 1.2) = -1.2; r = 0.5, A = -2: max(1, 1.6) = 1.6
+    dual = clipped_surrogate(lp, old, adv, 0.2, 0.2, clip_ratio_c=3.0)
+    assert torch.allclose(dual, torch.tensor([[3.0, 2.0, -1.2, 1.6]]))
+    plain = clipped_surrogate(lp, old, adv, 0.2, 0.2)
+    assert torch.allclose(plain, torch.tensor([[5.0, 2.0, -1.2, 1.6]]))
+    # the method's default (verl's clip_ratio_c = 3) is in the token loss; None switches it off
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    for c, expected in ((3.0, dual), (None, plain)):
+        m = make_method("vanilla", clip_ratio_c=c)
+        plan = m.prepare(adv, lp, old, mask, 1.0, 0)
+        assert torch.allclose(m.token_loss(plan, lp, old, mask), expected)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        make_method("vanilla", clip_ratio_c=1.0)
+
+
+def test_release_clip_cov_configuration_is_accepted():
+    """The release's Clip-Cov run: clip 1.0 / 1.0 and clip_ratio_c 10 (verl's clip_cov ignores the dual clip)."""
+    m = make_method("clip-cov", eps_low=1.0, eps_high=1.0, clip_ratio_c=10.0)
+    lp = torch.log_softmax(COV_STATE["logits"], -1)[COV_STATE["actions"]].unsqueeze(-1)
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    plan = m.prepare(COV_STATE["adv"].unsqueeze(-1), lp, lp, mask, 1.0, 0)
+    assert plan.eps_low == 1.0 and plan.eps_high == 1.0 and plan.clip_ratio_c is None
+    assert torch.isfinite(m.token_loss(plan, lp, lp, mask)).all()
+    with pytest.raises(ValueError, match="eps_low"):
+        make_method("clip-cov", eps_low=1.5)
+
+
+def test_loss_aggregation_modes_hand_computed():
+    from entrotheory.methods import LOSS_AGG_MODES, aggregate_loss
+
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    expected = {
+        "token-mean": (1 + 2 + 3 + 4) / 4, "bnpo": 10 / 4, "token-sum": 10.0,
+        "seq-mean-token-sum": (6 + 4) / 2, "seq-mean-token-mean": (2 + 4) / 2, "seq-mean-token-sum-norm": 5 / 3,
+        "grpo": (2 + 4 + 0) / 3, "dr_grpo": 10 / (3 * 3),
+    }
+    assert set(expected) == set(LOSS_AGG_MODES)
+    for mode, value in expected.items():
+        assert float(aggregate_loss(loss, mask, mode)) == pytest.approx(value), mode
+    assert float(aggregate_loss(loss, mask, "dr_grpo", horizon=8)) == pytest.approx(10 / 24)
+    # whole-batch counts: micro-batch losses add up to the batch loss (§4.5); own counts do not
+    for mode, kw in (("token-mean", {"num_tokens": 4}), ("seq-mean-token-mean", {"num_sequences": 2})):
+        parts = sum(float(aggregate_loss(loss[i:i + 1], mask[i:i + 1], mode, **kw)) for i in range(3))
+        assert parts == pytest.approx(expected[mode])
+    own = sum(float(aggregate_loss(loss[i:i + 1], mask[i:i + 1], "token-mean")) for i in range(3))
+    assert own == pytest.approx(2.0 + 4.0)  # the release's per-micro-batch normaliser: each row its own mean
+    assert float(aggregate_loss(loss, torch.zeros_like(mask), "token-mean")) == 0.0
+    with pytest.raises(ValueError, match="aggregation mode"):
+        aggregate_loss(loss, mask, "seq-sum")
+
+
+def test_gspo_sequence_ratio_value_and_gradient():
+    from entrotheory.methods import sequence_log_ratio
+
+    torch.manual_seed(0)
+    lp = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    old = lp.detach() + 0.1 * torch.randn(3, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    lr = sequence_log_ratio(lp, old, mask)
+    seq = torch.stack([(lp - old)[b][mask[b]].mean() for b in range(3)]).detach()
+    assert torch.allclose(lr.detach(), seq.unsqueeze(-1).expand(3, 4))
+    # gradient: d/d lp of sum(w * lr) is w (the sg trick keeps grad log pi_t)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    (g,) = torch.autograd.grad((w * lr).sum(), lp)
+    assert torch.allclose(g, w)
+    # the method's token loss with importance_ratio="sequence": -min(s A, clip(s) A), no dual clip
+    adv = torch.tensor([[1.0], [-1.0], [2.0]], dtype=torch.float64).expand(3, 4) * mask
+    m = make_method("entrocraft-band", importance_ratio="sequence", total_steps=10)
+    plan = m.prepare(adv, lp.detach(), old, mask, 0.65, 0)
+    s = seq.exp().unsqueeze(-1)
+    hand = -torch.minimum(s * plan.advantages, s.clamp(0.8, 1.2) * plan.advantages)
+    assert torch.allclose(m.token_loss(plan, lp, old, mask), torch.where(mask, hand, torch.zeros_like(hand)))
+
+
+def test_entropic_weights_raw_rewards_on_request():
+    adv = torch.tensor([[0.5], [-1.5]])
+    rewards = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    lp = torch.zeros(2, 1)
+    for source, base in (("advantages", adv), ("rewards", rewards.unsqueeze(-1))):
+        m = make_method("entropic", target=0.5, source=source)
+        plan = m.prepare(adv, lp, lp, mask, 0.7, 0, rewards=rewards)  # e = 0.2: alpha = kp e = 0.2
+        assert torch.allclose(plan.advantages, base * torch.tensor([[1.2], [0.8]]))
+
+
+def test_step_offset_reads_the_band_one_step_later():
+    """The release counts steps from 1: a 0-based loop with step_offset=1 reads the band where the release does."""
+    band = "linear:0.6->0.4..linear:0.7->0.5"
+    ours = make_method("entrocraft-band", band=band, total_steps=10)
+    release = make_method("entrocraft-band", band=band, total_steps=10, step_offset=1)
+    adv, lp = torch.tensor([[1.0], [-1.0]]), torch.zeros(2, 1)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    d0 = ours.prepare(adv, lp, lp, mask, 0.5, 1).diagnostics
+    d1 = release.prepare(adv, lp, lp, mask, 0.5, 0).diagnostics
+    assert d1["lower"] == pytest.approx(0.58) and d1["upper"] == pytest.approx(0.68)  # l0 + (l1 - l0) 1/10
+    assert (d0["lower"], d0["upper"], d0["regime"]) == (d1["lower"], d1["upper"], d1["regime"])
+    with pytest.raises(ValueError, match="step_offset"):
+        make_method("entrocraft-band", total_steps=10, step_offset=-1)
