@@ -112,8 +112,10 @@ def build_method(cfg: TrainConfig, verbose: bool = True):
                             + ", ".join(n for n, c in METHODS.items() if "schedule" in c.OPTIONS))
         opts["schedule"] = cfg.schedule
     if "k_scale" in METHODS[cfg.method].OPTIONS:
-        if cfg.predictor == "param":  # absolute nats per unit lr: measured / predicted ~ 1, nothing to learn
-            opts["k_scale"] = 1.0
+        if cfg.predictor == "param":  # absolute nats per unit lr: measured / predicted ~ 1; calibration may
+            # correct it within a factor 3 (the drift, not the samples, dominates some steps' change: an
+            # unbounded fit would read its errors as a wrong step size)
+            opts.update(k_scale=1.0, k_min=cfg.lr / 3, k_max=3 * cfg.lr)
         elif cfg.calibration_prior > 0:
             opts["k_scale"] = cfg.calibration_prior
     opts.update(method_options(cfg))
@@ -230,12 +232,13 @@ class FirstOrder:
     its own before the update (:meth:`Trainer._record_before`) and each rank keeps the reduced gradient
     of its shard; the inner product is summed over the shards."""
 
-    def __init__(self, params: list[torch.nn.Parameter], sharded: bool, loss_scale: float = 1.0) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], sharded: bool, loss_scale: float = 1.0,
+                 keep_start: bool = True) -> None:
         self.params = params
         self.sharded = sharded
         self.loss_scale = loss_scale
-        self.theta0 = [local_tensor(p.detach()).clone() for p in params]
-        self.grad = [torch.zeros_like(t) for t in self.theta0]
+        self.theta0 = [local_tensor(p.detach()).clone() for p in params] if keep_start else None
+        self.grad = [torch.zeros_like(local_tensor(p.detach())) for p in params]
         self.ready = False  # the gradient is complete (reduced over micro-batches and ranks)
 
     def accumulate(self, h_part: torch.Tensor) -> None:
@@ -348,6 +351,7 @@ class Trainer:
         self.params = params
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.estimate = EntropyStateEstimate() if cfg.entropy_estimate else None
+        self.last_accepted_fraction = 1.0  # AdamW's reference gradient for the parameter-space predictor
         self.nan_streak = 0
         self.eval_problems = self.task.eval_set(cfg.eval_prompts) if cfg.eval_prompts else []
         self.probe_problems = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
@@ -468,10 +472,11 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, "torch", step))  # any randomness inside the method
         batch = self._sample(step)
         t_gen = time.perf_counter() - t0
-        if cfg.predictor == "param" and self._optimizer_has_state():
-            batch.param = self._param_directional(batch)
+        rewards, adv, adv_info = self._advantages(batch, rewards_override)
+        if cfg.predictor == "param":
+            batch.param = self._param_directional(batch, adv)
         t_param = time.perf_counter() - t0 - t_gen
-        plan, row = self._plan(step, batch, rewards_override)
+        plan, row = self._plan(step, batch, rewards, adv, adv_info)
         row["time_generate"] = t_gen
         if cfg.predictor == "param":
             row["time_predictor"] = t_param
@@ -497,13 +502,6 @@ class Trainer:
         self._advance_estimate(float(row.get("measured_entropy_change", row["predicted_entropy_change"])))
         return self._timed(row, t0)
 
-    def _optimizer_has_state(self) -> bool:
-        """AdamW's first step has no second moment yet (its step is sign-like, not linear in the gradient):
-        the parameter-space predictor starts from the second step (SGD: from the first)."""
-        if isinstance(self.optimizer, torch.optim.SGD):
-            return True
-        return all("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in self.params)
-
     def _advance_estimate(self, change: float) -> None:
         """Process step of the entropy estimate: the policy moved by the last update's change."""
         if self.estimate is not None and self.estimate.initialised:
@@ -520,19 +518,26 @@ class Trainer:
                  self.cfg.share_prompt_prefix))
         return logits.float() / self.cfg.temperature
 
-    def _param_directional(self, batch: Batch) -> ParamDirection:
+    def _param_directional(self, batch: Batch, adv_tok: torch.Tensor) -> ParamDirection:
         """Parameter-space per-token contributions before the update (docs/theory.md §5).
 
-        One forward + backward of the batch's token-mean entropy gives ``grad Hbar`` (summed over micro-
-        batches and ranks); the optimiser's coming step ``dtheta = drift_step - G g`` is read from its
-        state (:func:`~entrotheory.param_space.preconditioner_from_optimizer`); two no-grad forwards at
+        One forward of this rank's rows and two backward passes from it give ``grad Hbar`` (the batch's
+        token-mean entropy) and the gradient ``g_all`` of the policy-gradient loss with every sample
+        accepted, both summed over micro-batches and ranks. The optimiser's coming step
+        ``dtheta = drift_step - G g`` is read from its state, with AdamW linearised about the expected
+        gradient of the selection, ``f g_all`` (``f`` the last step's accepted fraction), which also covers
+        its first step and parameters this batch touches for the first time
+        (:func:`~entrotheory.param_space.preconditioner_from_optimizer`, eq. 5.2b). Two no-grad forwards at
         ``theta +- h G grad Hbar`` give every token's ``s_t`` (central difference,
         :func:`~entrotheory.param_space.logit_directional_derivative`)."""
         cfg, d = self.cfg, self.dist
         local_mask = batch.local_mask
         B, T = local_mask.shape
         m_total = float(batch.mask.sum())
+        adv = adv_tok[batch.rows]
+        norm = torch.tensor(batch.mini_batch_tokens, device=self.device)[batch.mini_batch[batch.rows]].unsqueeze(-1)
         first_order = FirstOrder(self.params, sharded=False)
+        loss_grad = FirstOrder(self.params, sharded=False, keep_start=False)
         chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
         centre = []
         self.model.eval()
@@ -540,9 +545,14 @@ class Trainer:
             with torch.enable_grad():
                 logits = self._plain_logits(self.model, batch, rows)
                 first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
+                lp = response_log_probs(logits, batch.roll.tokens[rows])
+                loss_grad.accumulate(torch.where(local_mask[rows], -adv[rows] * lp / norm[rows], 0.0).sum())
             centre.append(logits.detach())
         first_order.reduce(d)
-        step_map = preconditioner_from_optimizer(self.optimizer, self.params)
+        loss_grad.reduce(d)
+        f = self.last_accepted_fraction
+        step_map = preconditioner_from_optimizer(self.optimizer, self.params, grads=[f * g for g in loss_grad.grad])
+        del loss_grad
         direction = [k * g for k, g in zip(step_map.gain, first_order.grad)]
         curvature = float(first_order_entropy_change(first_order.grad, direction))  # <grad H, G grad H> >= 0
         drift_step = [torch.zeros_like(g) if s is None else s for g, s in zip(first_order.grad, step_map.drift_step)]
@@ -591,19 +601,26 @@ class Trainer:
         return Batch(problems, prompt_ids, prompt_mask, roll, rows, mask, TokenEntropyStats(log_prob, ent, base, mask),
                      d.gather_rows(correct.to(self.device)).cpu(), keys_all, minib, n_mb)
 
-    def _plan(self, step: int, batch: Batch, rewards_override) -> tuple[MethodPlan, dict]:
-        """Phase 2, on the GLOBAL batch (identical on every rank): rewards -> advantages -> per-token
-        contributions -> the method's plan; the metrics of the batch and the predicted change."""
+    def _advantages(self, batch: Batch, rewards_override) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Rewards ``[P, G]`` -> per-token advantages ``[B, T]`` of the GLOBAL batch (identical on every rank)."""
         cfg = self.cfg
         P, G = cfg.prompts_per_step, cfg.samples_per_prompt
-        mask, stats = batch.mask, batch.stats
-        correct = batch.correct
-        rewards = torch.where(correct, cfg.reward_correct, cfg.reward_wrong).reshape(P, G).float()
+        rewards = torch.where(batch.correct, cfg.reward_correct, cfg.reward_wrong).reshape(P, G).float()
         if rewards_override is not None:
             mine = rewards_override(batch.roll).reshape(-1).float().to(self.device)
             rewards = self.dist.gather_rows(mine).cpu().reshape(P, G)
         adv, adv_info = compute_advantages(rewards, cfg.estimator)
-        adv_tok = torch.where(mask, adv.reshape(-1, 1).to(self.device).expand_as(mask), 0.0)
+        adv_tok = torch.where(batch.mask, adv.reshape(-1, 1).to(self.device).expand_as(batch.mask), 0.0)
+        return rewards, adv_tok, adv_info
+
+    def _plan(self, step: int, batch: Batch, rewards: torch.Tensor, adv_tok: torch.Tensor,
+              adv_info: dict) -> tuple[MethodPlan, dict]:
+        """Phase 2, on the GLOBAL batch (identical on every rank): per-token contributions -> the method's
+        plan; the metrics of the batch and the predicted change."""
+        cfg = self.cfg
+        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
+        mask, stats = batch.mask, batch.stats
+        correct = batch.correct
         n_tok = int(mask.sum())
         entropy = masked_mean(stats.entropy, mask)
         # each token's loss is normalised by its mini-batch's token count N_m; scaling contributions by
@@ -624,9 +641,6 @@ class Trainer:
             extra.update(entropy_estimate=control, entropy_estimate_std=math.sqrt(self.estimate.variance),
                          batch_entropy_std=math.sqrt(float(var)), estimate_gain=self.estimate.gain)
         drift = 0.0
-        if cfg.predictor == "param" and batch.param is None:
-            # AdamW's first step: the per-position contributions, on the scale of the logit predictor's prior
-            contrib = contrib * (cfg.calibration_prior if cfg.calibration_prior > 0 else 1.0)
         if batch.param is not None:
             # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the sampler's convention is
             # per unit lr of the token-mean change times M^2 (docs/theory.md eq. 3.3), so that k ~ lr
@@ -662,11 +676,11 @@ class Trainer:
         if "calibration_k" in row:
             row["calibration_factor"] = float(row["calibration_k"]) / lr_now
         row.update(extra)
+        self.last_accepted_fraction = max(float(row["accepted_fraction"]), 1e-3)
         # per-position (logit-space) prediction of the token-mean entropy change for the advantages actually
         # trained on, under the token-mean loss with the whole batch's normaliser (docs/theory.md eq. 3.3)
         c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule) * scale
         logit_pred = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
-        row["predictor"] = "param" if batch.param is not None else "logit"
         if batch.param is not None:  # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
             row["predicted_entropy_change"] = drift + float(
                 (plan.advantages * batch.param.directional * scale / n_tok).sum())
@@ -840,6 +854,7 @@ class Trainer:
         torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
         state = {"next_step": next_step, "method": self.method.state_dict(), "nan_streak": self.nan_streak,
                  "estimate": self.estimate.state_dict() if self.estimate is not None else {},
+                 "last_accepted_fraction": self.last_accepted_fraction,
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -892,6 +907,7 @@ class Trainer:
         self.nan_streak = int(state["nan_streak"])
         if self.estimate is not None and state.get("estimate"):
             self.estimate.load_state_dict(state["estimate"])
+        self.last_accepted_fraction = float(state.get("last_accepted_fraction", 1.0))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -925,6 +941,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     _fit(rows, "predicted_entropy_change", "", out)
     _fit(rows, "exact_predicted_entropy_change", "_exact", out)
+    _fit(rows, "predicted_entropy_change_logit", "_logit", out)  # beside the parameter-space predictor
     train = [r for r in rows if "entropy" in r]
     if train:
         head, tail = train[: max(1, len(train) // 10)], train[-max(1, len(train) // 10):]

@@ -1,0 +1,134 @@
+"""The entropy-control table and figure of docs/llm.md from metrics.jsonl files of `python -m llm.train` runs.
+
+Usage: python docs/gen_control_table.py [--figure OUT.png] "LABEL|SCHEDULE|metrics.jsonl" ...
+
+Tracking error: at every step ``t >= 1`` with a held-out probe (``--probe-every``; the run's last line is
+the policy after its last update), ``e_t = probe_entropy(t) - schedule(t)``, where ``probe_entropy(t)`` is
+the entropy of the policy after ``t`` updates on fixed held-out prompts (llm/train.py
+``Trainer.probe_entropy``). Reported as the root mean square and the mean of ``|e_t|``, in % of the
+schedule's range ``|schedule(0) - schedule(T)|``, and as the mean signed error (nats). A run without a
+schedule (vanilla) is scored against the schedule named for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from entrotheory.schedules import parse_schedule
+from llm.train import summarize
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def tracking(rows: list[dict], spec: str, key: str = "probe_entropy") -> dict[str, float]:
+    """Errors of ``key`` against ``spec`` over the steps ``t >= 1`` where it was measured (see module doc)."""
+    steps = max(int(r["step"]) for r in rows)
+    schedule = parse_schedule(spec, steps)
+    span = abs(schedule(0) - schedule(steps))
+    errors = [float(r[key]) - schedule(int(r["step"])) for r in rows
+              if isinstance(r.get(key), (int, float)) and int(r["step"]) >= 1]
+    if not errors or span == 0:
+        return {"rms": math.nan, "mae": math.nan, "bias": math.nan, "n": float(len(errors))}
+    rms = math.sqrt(_mean([e * e for e in errors]))
+    return {"rms": 100 * rms / span, "mae": 100 * _mean([abs(e) for e in errors]) / span, "bias": _mean(errors),
+            "n": float(len(errors)), "span": span}
+
+
+def _batch_error(rows: list[dict], spec: str) -> dict[str, float]:
+    """The batch entropy of step ``t`` is the policy after ``t`` updates too, on that step's own samples."""
+    return tracking([r for r in rows if not r.get("final")], spec, key="entropy")
+
+
+def column(rows: list[dict], spec: str) -> dict[str, str]:
+    s = summarize(rows)
+    train = [r for r in rows if "entropy" in r and not r.get("final")]
+    evals = [r for r in rows if "pass_at_1" in r]
+    probe, batch = tracking(rows, spec), _batch_error(rows, spec)
+    param = any("predicted_entropy_change_logit" in r for r in train)
+    predictor = [r.get("time_predictor", 0.0) for r in train]
+    step_time = [r.get("time_step", 0.0) for r in train]
+    k = [r["calibration_factor"] for r in train if "calibration_factor" in r]
+    f = "{:.3f}".format
+    return {
+        "held-out (probe) entropy vs schedule: RMS / mean |error|, % of range": f"{probe['rms']:.1f}% / "
+                                                                              f"{probe['mae']:.1f}%",
+        "held-out entropy minus schedule, mean (nats)": f"{probe['bias']:+.3f}",
+        "batch entropy vs schedule: RMS, % of range": f"{batch['rms']:.1f}%",
+        "probe entropy, first -> last": f"{f(next(r['probe_entropy'] for r in rows if 'probe_entropy' in r))} -> "
+                                        f"{f(rows[-1].get('probe_entropy', math.nan))}",
+        "the predictor's prediction vs measured change: correlation / slope":
+            f"{s.get('correlation', math.nan):.2f} / {s.get('slope', math.nan):.3g}",
+        "per-position (logit) prediction vs measured: correlation":
+            f"{s.get('correlation_logit' if param else 'correlation', math.nan):.2f}",
+        "exact <dH/dtheta, dtheta> vs measured: correlation": f"{s.get('correlation_exact', math.nan):.4f}",
+        "calibration factor k / lr at the end": f"{k[-1]:.3g}" if k else "-",
+        "mean accepted fraction of samples": f"{_mean([r['accepted_fraction'] for r in train]):.2f}",
+        "held-out pass@1, first -> last evaluation": f"{f(evals[0]['pass_at_1'])} -> {f(evals[-1]['pass_at_1'])}",
+        "predictor time, % of the step": f"{100 * sum(predictor) / sum(step_time):.0f}%" if param else "-",
+        "seconds per step": f"{_mean(step_time):.1f}",
+    }
+
+
+def table(argv: list[str]) -> str:
+    """The markdown table for ``LABEL|SCHEDULE|metrics.jsonl`` arguments."""
+    labels, cols = [], []
+    for arg in argv:
+        label, spec, path = arg.split("|")
+        labels.append(f"{label} ({spec})")
+        cols.append(column(_rows(path), spec))
+    lines = ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(c[key] for c in cols) + " |" for key in cols[0]]
+    return "\n".join(lines) + "\n"
+
+
+def figure(argv: list[str], out: Path) -> Path:
+    """Probe and batch entropy against each run's schedule, one panel per schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [arg.split("|") for arg in argv]
+    specs = list(dict.fromkeys(spec for _, spec, _ in runs))
+    fig, axes = plt.subplots(1, len(specs), figsize=(6.5 * len(specs), 4.2), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        steps = None
+        for i, (label, s, path) in enumerate(runs):
+            if s != spec:
+                continue
+            rows = _rows(path)
+            steps = max(int(r["step"]) for r in rows)
+            color = f"C{i % 10}"
+            pts = [(r["step"], r["probe_entropy"]) for r in rows if "probe_entropy" in r]
+            ax.plot(*zip(*pts), "o-", color=color, lw=1.8, ms=3.5, label=f"{label}: held-out probe")
+            train = [r for r in rows if "entropy" in r and not r.get("final")]
+            ax.plot([r["step"] for r in train], [r["entropy"] for r in train], color=color, lw=0.7, alpha=0.45)
+            if any("entropy_estimate" in r for r in train):
+                ax.plot([r["step"] for r in train], [r["entropy_estimate"] for r in train], ":", color=color,
+                        lw=1.2, label=f"{label}: state estimate")
+        sched = parse_schedule(spec, steps)
+        ax.plot(range(steps + 1), [sched(t) for t in range(steps + 1)], "k--", lw=1.3, label=f"schedule {spec}")
+        ax.set(title=f"schedule {spec}", xlabel="step (updates so far)", ylabel="token entropy (nats)")
+        ax.legend(fontsize=7)
+    fig.suptitle("thin lines: batch entropy of each step's own samples", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--figure"]:
+        figure(args[2:], Path(args[1]))
+        args = args[2:]
+    print(table(args), end="")
