@@ -162,7 +162,7 @@ class EntrocraftAdvantage:
             lp = old if old is not None else torch.zeros_like(adv)
             plan = self.method.prepare(adv, lp, lp, mask, h, t, contributions=contrib, rewards=scores)
             adv = plan.advantages
-            diag.update({k: v for k, v in plan.diagnostics.items() if isinstance(v, (int, float))})
+            diag.update(plan.diagnostics)
         if self.clip_cov is not None:
             if old is None:
                 raise ValueError(f"{self.name} with clip_cov needs the old log-probs of the whole batch")
@@ -255,7 +255,8 @@ class EntrocraftTrainerMixin:
         if name in _CONTROLLERS:
             metrics = output.meta_info.setdefault("metrics", {})
             for key, value in _CONTROLLERS[name].last_diagnostics.items():
-                metrics[f"entrocraft/{key}"] = value
+                if isinstance(value, (int, float)):  # verl's loggers take numbers (the regime is a string)
+                    metrics[f"entrocraft/{key}"] = float(value)
         return output
 
     def _entrocraft_path(self) -> str:

@@ -448,3 +448,23 @@ def test_targets_accept_objects_and_centre_width():
     assert s.target_entropy(0) == pytest.approx(0.65)  # predictive aims at the band centre
     s = EntropyRejectionSampler(parse_schedule("constant:0.6", 10), mode="band", width=0.2)
     assert s.band.lower(0) == pytest.approx(0.5) and s.band.upper(0) == pytest.approx(0.7)
+
+
+def test_exact_reference_and_default_keep_different_samples():
+    """docs/theory.md §4.3: the default keeps by the advantage's sign, the reference by the raw reward's."""
+    band = "constant:0.4..constant:0.6"
+    # 0/1 rewards below the band: no raw reward is negative, so the reference keeps nothing, ours the zeros
+    r01 = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    adv, _ = compute_advantages(r01, "grpo")
+    ours = EntropyRejectionSampler(band, total_steps=10).select(adv.reshape(-1), 0.2, 0)
+    ref = EntropyRejectionSampler(band, total_steps=10, exact_reference=True).select(adv.reshape(-1), 0.2, 0,
+                                                                                      rewards=r01.reshape(-1))
+    assert ours.accepted.tolist() == [False, True, True, False] and not ref.accepted.any()
+    # rewards in [0, 1] above the band: 0.4 is positive but below its group's mean 0.5
+    rf = torch.tensor([[0.4, 1.0, 0.1, 0.5]])
+    adv, _ = compute_advantages(rf, "grpo")
+    ours = EntropyRejectionSampler(band, total_steps=10).select(adv.reshape(-1), 0.9, 0)
+    ref = EntropyRejectionSampler(band, total_steps=10, exact_reference=True).select(adv.reshape(-1), 0.9, 0,
+                                                                                      rewards=rf.reshape(-1))
+    assert ours.accepted.tolist() == [False, True, False, False]
+    assert ref.accepted.tolist() == [True, True, True, True]
