@@ -131,7 +131,7 @@ def aggregate_loss(
         n_seq = _count(num_sequences, torch.tensor(float(loss_tok.shape[0])), "num_sequences")
         if mode == "grpo":
             return _safe_div((per_row / n_b.clamp(min=1)).sum(), n_seq)
-        return _safe_div(per_row.sum(), n_seq * h if isinstance(n_seq, float) else n_seq * h)
+        return _safe_div(per_row.sum(), float(n_seq) * h)
     live = n_b > 0
     n_seq = _count(num_sequences, live.sum(), "num_sequences")
     if mode == "seq-mean-token-mean":

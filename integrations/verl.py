@@ -39,7 +39,7 @@ from torch import Tensor
 from verl.trainer.ppo import core_algos
 
 from entrotheory.advantages import compute_group_advantages
-from entrotheory.methods import EntropyMethod, make_method, masked_token_mean
+from entrotheory.methods import EntropyMethod, make_method
 from entrotheory.tokens import TokenEntropyStats, token_entropy_contributions
 
 __all__ = ["ESTIMATOR_NAMES", "EntrocraftAdvantage", "EntrocraftTrainerMixin", "entrocraft_options", "feed_batch",
@@ -275,7 +275,3 @@ class EntrocraftTrainerMixin:
                 get_controller(name).load_state_dict(state)
         return out
 
-
-def masked_batch_entropy(token_entropy: Tensor, response_mask: Tensor) -> float:
-    """Token-mean entropy of a ``[B, T]`` batch (verl's ``token-mean`` ``actor/entropy``), nats per token."""
-    return float(masked_token_mean(token_entropy, response_mask.to(torch.bool)))
