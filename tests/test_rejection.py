@@ -48,7 +48,7 @@ def test_band_per_token_with_mask_rejects_whole_rows():
 
 
 def released_rule(rewards, entropy, step, total_steps=100):
-    """Independent transcription of the released grpo_range_linear rule (reference.md)."""
+    """Independent transcription of the released grpo_range_linear rule (the Entrocraft release, arXiv 2604.26326)."""
     lower = 0.6 + (0.4 - 0.6) * step / total_steps
     upper = 0.7 + (0.5 - 0.7) * step / total_steps
     if entropy > upper:
