@@ -46,6 +46,7 @@ class TrainConfig:
     estimator: str = "grpo"  # advantage estimator (entrotheory.advantages.ESTIMATORS)
     rule: str = "pg"  # per-token prediction rule of the logit predictor: pg | npg
     predictor: str = "logit"  # contributions the sampler selects on: logit (per position) | param (parameter space)
+    param_derivative: str = "fd"  # param predictor: fd (two forwards) | jvp (exact, eager attention)
     entropy_estimate: bool = False  # control a Kalman estimate of the policy's entropy instead of the batch entropy
     estimate_process_std: float = 0.01  # nats: what one step's measured change misses of the policy's change
     reward_correct: float = 1.0
@@ -217,6 +218,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"lr must be > 0, got {cfg.lr}")
     if cfg.predictor not in ("logit", "param"):
         raise UserError(f"predictor must be logit or param, got {cfg.predictor!r}")
+    if cfg.param_derivative not in ("fd", "jvp"):
+        raise UserError(f"param_derivative must be fd or jvp, got {cfg.param_derivative!r}")
     if cfg.predictor == "param" and cfg.fsdp:
         raise UserError("--predictor param needs replicated weights: it is not available with --fsdp")
     if not cfg.estimate_process_std >= 0:

@@ -312,6 +312,8 @@ class Trainer:
         self.method = build_method(cfg, verbose=self.dist.is_main)
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
         self.model.to(self.device)
+        if cfg.predictor == "param" and cfg.param_derivative == "jvp":
+            self.model.set_attn_implementation("eager")  # fused attention kernels have no forward-mode AD
         self.task = make_task(cfg, self.tokenizer)
         if self.dist.is_main:
             for w in getattr(self.task, "warnings", [])[:20]:
@@ -561,7 +563,8 @@ class Trainer:
         s = torch.zeros(B, T, device=self.device)
         for rows, z in zip(chunks, centre):
             tangent = logit_directional_derivative(lambda ps, r=rows: self._functional_logits(ps, batch, r),
-                                                   self.params, direction, "fd", h)
+                                                   self.params, direction, cfg.param_derivative,
+                                                   h if cfg.param_derivative == "fd" else None)
             tokens = batch.roll.tokens[rows]
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
         return ParamDirection(d.gather_rows(s), drift, first_order)
