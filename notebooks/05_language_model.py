@@ -154,7 +154,7 @@ plt.show()
 # %% [markdown]
 # **Entropy follows the schedule under Entrocraft predictive and collapses without it.** Vanilla GRPO lowers
 # the token entropy almost every step. The predictive sampler keeps it near its falling target. Both learn:
-# held-out pass@1 rises from 0.46 to about 0.76-0.79. On this short budget and with 32 held-out prompts
+# held-out pass@1 rises from 0.47 to about 0.74-0.76. On this short budget and with 32 held-out prompts
 # (standard error about 0.03) neither beats the other on pass@k.
 #
 # **The released band rule collapses like vanilla**, and the per-position theory says why. Below the band
@@ -191,7 +191,7 @@ display(table)
 # ## Theory against practice
 # Left: the exact first-order change of each parameter step against the measured change. Entropy changes
 # on this model are first-order phenomena at this learning rate, and the points lie on the diagonal.
-# Right: the per-position prediction. It mostly has the right sign but is about $10^5$ times too small:
+# Right: the per-position prediction. It mostly has the right sign but is about $10^7$ times too small:
 # AdamW's step $\mathrm{lr}\cdot m/\sqrt{v}$ does not scale with the gradient, and one parameter step moves
 # many logits. The predictive sampler only needs the sign and the ordering of the contributions. It learns
 # the scale online (`calibration_factor`).
