@@ -754,7 +754,7 @@ class Trainer:
                         loss = masked_token_mean(loss_tok, mrows, n_tok)
                         nan |= not bool(torch.isfinite(loss))
                         (loss * self.loss_scale).backward()
-                    loss_sum += float(loss.detach()) / cfg.ppo_epochs
+                    loss_sum += float(loss.detach()) / cfg.ppo_epochs / cfg.mini_batches  # mean per optimiser step
                     clip = ppo_clipped(lp.detach(), before.log_prob[rows], plan_local.advantages[rows],
                                        plan.eps_low, plan.eps_high)
                     clipped += float((clip & mrows).sum()) / n_tok / steps
