@@ -1,6 +1,9 @@
 """The entropy-control table and figure of docs/llm.md from metrics.jsonl files of `python -m llm.train` runs.
 
-Usage: python docs/gen_control_table.py [--figure OUT.png] "LABEL|SCHEDULE|metrics.jsonl" ...
+Usage: python docs/gen_control_table.py [--figure OUT.png] "LABEL|SCHEDULE|metrics.jsonl[|STEPS]" ...
+
+``STEPS`` scores only the run's first ``STEPS`` updates (:func:`truncate`): vanilla's trajectory does not depend
+on the horizon, so its first 30 steps are a 30-step vanilla run.
 
 Tracking error: at every step ``t >= 1`` with a held-out probe (``--probe-every``; the run's last line is
 the policy after its last update), ``e_t = probe_entropy(t) - schedule(t)``, where ``probe_entropy(t)`` is
@@ -30,6 +33,17 @@ def _rows(path: str) -> list[dict]:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def truncate(rows: list[dict], steps: int) -> list[dict]:
+    """The metrics of the run's first ``steps`` updates: the steps ``< steps`` and, as the final line, what
+    was evaluated on the policy after ``steps`` updates (the evaluation and probe of step ``steps``)."""
+    head = [r for r in rows if int(r["step"]) < steps and not r.get("final")]
+    at = [r for r in rows if int(r["step"]) == steps]
+    final = {"step": steps, "final": True}
+    for r in at:
+        final.update({k: v for k, v in r.items() if k.startswith(("pass_", "eval_", "probe_"))})
+    return head + [final]
 
 
 def tracking(rows: list[dict], spec: str, key: str = "probe_entropy") -> dict[str, float]:
@@ -88,12 +102,18 @@ def table(argv: list[str]) -> str:
     """The markdown table for ``LABEL|SCHEDULE|metrics.jsonl`` arguments."""
     labels, cols = [], []
     for arg in argv:
-        label, spec, path = arg.split("|")
+        label, spec, rows = _run(arg)
         labels.append(f"{label} ({spec})")
-        cols.append(column(_rows(path), spec))
+        cols.append(column(rows, spec))
     lines = ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     lines += [f"| {key} | " + " | ".join(c[key] for c in cols) + " |" for key in cols[0]]
     return "\n".join(lines) + "\n"
+
+
+def _run(arg: str) -> tuple[str, str, list[dict]]:
+    label, spec, path, *steps = arg.split("|")
+    rows = _rows(path)
+    return label, spec, truncate(rows, int(steps[0])) if steps else rows
 
 
 def figure(argv: list[str], out: Path) -> Path:
@@ -103,17 +123,17 @@ def figure(argv: list[str], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [arg.split("|") for arg in argv]
+    runs = [_run(arg) for arg in argv]
     specs = list(dict.fromkeys(spec for _, spec, _ in runs))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(label for label, _, _ in runs))}
     fig, axes = plt.subplots(1, len(specs), figsize=(6.5 * len(specs), 4.2), squeeze=False)
     for ax, spec in zip(axes[0], specs):
         steps = None
-        for i, (label, s, path) in enumerate(runs):
+        for label, s, rows in runs:
             if s != spec:
                 continue
-            rows = _rows(path)
             steps = max(int(r["step"]) for r in rows)
-            color = f"C{i % 10}"
+            color = colours[label]
             pts = [(r["step"], r["probe_entropy"]) for r in rows if "probe_entropy" in r]
             ax.plot(*zip(*pts), "o-", color=color, lw=1.8, ms=3.5, label=f"{label}: held-out probe")
             train = [r for r in rows if "entropy" in r and not r.get("final")]

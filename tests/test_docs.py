@@ -47,3 +47,41 @@ def test_llm_results_table_is_regenerated_from_the_saved_metrics():
                          f"vanilla GRPO={data / 'llm_vanilla_metrics.jsonl'}",
                          f"Entrocraft (band rule)={data / 'llm_band_metrics.jsonl'}"])
     assert text in (ROOT / "docs" / "llm.md").read_text()
+
+
+CONTROL_RUNS = [
+    "vanilla|linear:0.85->0.65|{data}/llm_vanilla_metrics.jsonl",
+    "logit (default)|linear:0.85->0.65|{data}/llm_entrocraft_metrics.jsonl",
+    "param + estimate|linear:0.85->0.65|{data}/llm_control_param_metrics.jsonl",
+    "vanilla|linear:0.8->0.95|{data}/llm_vanilla_metrics.jsonl|30",
+    "logit (default)|linear:0.8->0.95|{data}/llm_control_logit_rising_metrics.jsonl",
+    "param + estimate|linear:0.8->0.95|{data}/llm_control_param_rising_metrics.jsonl",
+]
+
+
+def test_control_table_is_regenerated_from_the_saved_metrics():
+    """docs/llm.md quotes the control table that docs/gen_control_table.py makes from docs/data."""
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_control_table.py"))
+    text = gen["table"]([r.format(data=ROOT / "docs" / "data") for r in CONTROL_RUNS])
+    assert text in (ROOT / "docs" / "llm.md").read_text()
+
+
+def test_tracking_error_of_a_run_on_its_schedule_is_zero():
+    """The tracking error is computed against the schedule at the step the probe saw: a probe that equals
+    the schedule scores 0, one offset by a constant scores that constant as bias with zero spread."""
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_control_table.py"))
+    from entrotheory.schedules import parse_schedule
+
+    sched = parse_schedule("linear:0.9->0.7", 10)
+    rows = [{"step": t, "probe_entropy": sched(t)} for t in range(0, 11, 2)]
+    exact = gen["tracking"](rows, "linear:0.9->0.7")
+    assert exact["rms"] == pytest.approx(0.0, abs=1e-9) and exact["bias"] == pytest.approx(0.0, abs=1e-12)
+    shifted = gen["tracking"]([{**r, "probe_entropy": r["probe_entropy"] + 0.05} for r in rows], "linear:0.9->0.7")
+    assert shifted["bias"] == pytest.approx(0.05) and shifted["rms"] == pytest.approx(25.0)
+    assert shifted["std"] == pytest.approx(0.0, abs=1e-6)
+    cut = gen["truncate"]([{"step": t, "entropy": 1.0, "probe_entropy": 0.5} for t in range(6)], 4)
+    assert [r["step"] for r in cut] == [0, 1, 2, 3, 4] and cut[-1] == {"step": 4, "final": True, "probe_entropy": 0.5}
