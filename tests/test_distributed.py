@@ -29,12 +29,17 @@ DISCRETE = ("step", "final", "skipped", "regime", "accepted_fraction", "accepted
             "eval_distinct_correct", "lr", "target_entropy", "lower", "upper", "predictor")
 
 
-def torchrun(out: Path, nproc: int, *args: str) -> None:
+def launch(nproc: int, *train_args: str) -> None:
+    """``torchrun --standalone --nproc-per-node NPROC -m llm.train TRAIN_ARGS``, one thread per process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "llm.train", "--preset", "smoke", "--output-dir", str(out), "--threads", "1", *args]
+           "-m", "llm.train", *train_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def torchrun(out: Path, nproc: int, *args: str) -> None:
+    launch(nproc, "--preset", "smoke", "--output-dir", str(out), "--threads", "1", *args)
 
 
 def one_process(out: Path, *args: str) -> None:
@@ -140,17 +145,9 @@ def test_resume_with_another_number_of_processes(tmp_path, first, then, fsdp):
     if then == 1 and not fsdp:
         assert main(["--resume", str(run)]) == 0
     else:
-        resume(run, then)
+        launch(then, "--resume", str(run))
     assert_same_runs(rows(tmp_path / "full"), rows(run))
     assert_same_weights(tmp_path / "full", run)
-
-
-def resume(run: Path, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "llm.train", "--resume", str(run)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):
