@@ -15,10 +15,19 @@ few whole rows fit in cache (the default chunk is about 2 MiB, which is also wha
 faster than one full-size pass), the vectorised ``log_softmax`` kernel is used as-is,
 and the statistics need no rescaling algebra. Streaming over V would only pay off for
 vocabularies far beyond 10^7.
+
+Backends (``backend=``): ``"torch"`` is the chunked reference above. ``"compiled"`` is the same
+statistics in one fused reduction per row, compiled by ``torch.compile`` (eq. 3.1a): one max pass and
+one pass that evaluates a single ``exp`` per logit and accumulates four sums, with no ``[rows, V]``
+temporary at all, the bf16 -> float32 conversion done in registers, and the rows (strided or masked)
+read in place. ``"triton"`` is a one-pass GPU kernel with an online max (:mod:`entrotheory._triton_entropy`).
+``"auto"`` picks the Triton kernel on CUDA when Triton is installed, the compiled kernel on the CPU for
+inputs of at least :data:`AUTO_COMPILE_MIN_ELEMENTS` logits, and the torch path otherwise.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -26,7 +35,22 @@ from torch import Tensor
 
 from .core import all_finite, check_float_tensor, check_rule
 
-__all__ = ["TokenEntropyStats", "token_entropy_stats", "token_entropy_contributions", "token_mean_entropy_change"]
+__all__ = [
+    "TokenEntropyStats",
+    "token_entropy_stats",
+    "token_entropy_contributions",
+    "token_mean_entropy_change",
+    "ENTROPY_BACKENDS",
+]
+
+#: values of ``token_entropy_stats(backend=...)``
+ENTROPY_BACKENDS = ("auto", "torch", "compiled", "triton")
+
+#: ``backend="auto"`` uses the compiled kernel on the CPU from this many logits up (2^26, e.g. 441 positions at
+#: V = 152k): there one call of the torch path costs about 0.2 s more than the fused kernel (docs/performance.md),
+#: so the one-off compilation (2-4 s with inductor's on-disk cache, about 20 s without) is repaid within a few
+#: dozen calls; smaller inputs stay on the torch path, which needs no compiler
+AUTO_COMPILE_MIN_ELEMENTS = 1 << 26
 
 #: default float32 elements per chunk: 2^19 (2 MiB per temporary) keeps each chunk's passes in cache,
 #: which measured 3-7x faster than one full-size pass for V = 8k..128k (docs/performance.md)
@@ -49,7 +73,11 @@ class TokenEntropyStats(NamedTuple):
 
 @torch.no_grad()
 def token_entropy_stats(
-    logits: Tensor, tokens: Tensor, mask: Tensor | None = None, chunk_size: int | None = None
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> TokenEntropyStats:
     """Per-position ``(log pi(y_t), H_t, sum_b pi_b^2 (log pi_b + H_t))`` in one pass (eq. 3.1).
 
@@ -59,8 +87,14 @@ def token_entropy_stats(
         Detached internally: the statistics are diagnostics, not part of the loss graph.
     tokens : ``[...]`` integer tensor, the token sampled at each position.
     mask : optional ``[...]`` bool/0-1 tensor; only these positions are computed.
-    chunk_size : positions per chunk; default ``max(2, 2^19 // V)``, so each float32
-        temporary holds about 2^19 elements (2 MiB) and stays in cache.
+    chunk_size : positions per chunk of the torch path; default ``max(2, 2^19 // V)``, so each
+        float32 temporary holds about 2^19 elements (2 MiB) and stays in cache.
+    backend : one of :data:`ENTROPY_BACKENDS` (module docstring). ``"compiled"`` and ``"triton"``
+        fall back to ``"torch"`` with a warning when they cannot run here (no C++ compiler, no
+        Triton, no GPU); the three agree to float32 rounding (``tests/test_token_stats.py``).
+
+    Raises ``ValueError`` for NaN/inf logits at masked-in positions, tokens out of range and
+    mismatched shapes, whatever the backend.
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a floating torch.Tensor")
@@ -78,6 +112,8 @@ def token_entropy_stats(
         if not isinstance(mask, Tensor) or mask.shape != lead:
             raise ValueError(f"mask must be a tensor of shape {tuple(lead)}")
         mask = mask.to(torch.bool)
+    if backend not in ENTROPY_BACKENDS:
+        raise ValueError(f"backend must be one of {ENTROPY_BACKENDS}, got {backend!r}")
     vocab = logits.shape[-1]
     if chunk_size is None:
         chunk_size = max(2, DEFAULT_CHUNK_ELEMENTS // vocab)
@@ -85,9 +121,6 @@ def token_entropy_stats(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
     logits = logits.detach()
-    # a contiguous tensor is viewed as rows; a strided one (e.g. logits[:, :-1]) is gathered chunk by
-    # chunk, because reshape would copy all B*T*V entries
-    flat_logits = logits.view(-1, vocab) if logits.is_contiguous() else None
     flat_tokens = tokens.reshape(-1)
     rows = mask.reshape(-1).nonzero().squeeze(-1)
     if rows.numel() and (
@@ -95,6 +128,37 @@ def token_entropy_stats(
     ):
         raise ValueError(f"tokens out of range [0, {vocab}) at masked-in positions")
     out = torch.zeros(3, flat_tokens.numel(), dtype=torch.float32, device=logits.device)
+    if rows.numel():
+        kind = _resolve_backend(backend, logits)
+        done = False
+        if kind == "triton":
+            done = _run_triton(logits, flat_tokens, rows, out)
+        elif kind == "compiled":
+            done = _run_compiled(logits, flat_tokens, rows, out)
+        if not done:
+            _stats_torch(logits, flat_tokens, rows, out, chunk_size)
+    out = out.reshape(3, *lead)
+    return TokenEntropyStats(out[0], out[1], out[2], mask)
+
+
+def _resolve_backend(backend: str, logits: Tensor) -> str:
+    if backend != "auto":
+        return backend
+    if logits.device.type == "cuda" and _triton_available():
+        return "triton"
+    large = logits.numel() >= AUTO_COMPILE_MIN_ELEMENTS
+    if logits.device.type == "cpu" and large and _COMPILE_STATE["ok"] is not False:
+        return "compiled"
+    return "torch"
+
+
+def _stats_torch(logits: Tensor, flat_tokens: Tensor, rows: Tensor, out: Tensor, chunk_size: int) -> None:
+    """The reference path: chunks of rows upcast to float32, log_softmax, three weighted sums."""
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    # a contiguous tensor is viewed as rows; a strided one (e.g. logits[:, :-1]) is gathered chunk by
+    # chunk, because reshape would copy all B*T*V entries
+    flat_logits = logits.view(-1, vocab) if logits.is_contiguous() else None
     dense = rows.numel() == flat_tokens.numel()  # all positions count: slice, don't gather
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
@@ -118,8 +182,107 @@ def token_entropy_stats(
         out[0, idx] = logp.gather(-1, flat_tokens[idx].long().unsqueeze(-1)).squeeze(-1)
         out[1, idx] = h
         out[2, idx] = m2 + h * q
-    out = out.reshape(3, *lead)
-    return TokenEntropyStats(out[0], out[1], out[2], mask)
+
+
+def fused_row_stats(flat: Tensor, row_start: Tensor, token: Tensor, vocab: int, stride_v: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused statistics of the rows ``flat[row_start[r] + stride_v * b]``, ``b < vocab`` (eq. 3.1a).
+
+    With ``z_b = x_b - max x`` and ``e_b = exp(z_b)`` (one ``exp`` per logit), four sums
+    ``S0 = sum e``, ``S1 = sum e z``, ``S2 = sum e^2``, ``S3 = sum e^2 z`` give everything:
+    ``log pi(y) = z_y - log S0``, ``H = log S0 - S1 / S0``, ``sum pi^2 = S2 / S0^2``,
+    ``sum pi^2 log pi = (S3 - S2 log S0) / S0^2``, and the baseline ``sum pi^2 log pi + H sum pi^2``.
+
+    ``flat`` is a 1-D view of the logits' storage and ``row_start`` ``[R]`` the element offset of each
+    row, so every layout (strided slices, masked rows, any number of leading dims) is one compiled
+    graph per dtype. Written so that ``torch.compile`` fuses it into one max pass and one accumulation
+    pass over each row with no ``[R, V]`` temporary; eager execution gives the same numbers (slowly).
+    A NaN or inf logit makes the row's outputs NaN (``0 * inf``), which the caller turns into an error.
+    Returns three float32 ``[R]`` tensors.
+    """
+    cols = torch.arange(vocab, device=flat.device) * stride_v
+    rows = flat[row_start.unsqueeze(-1) + cols].float()
+    z = rows - rows.amax(-1, keepdim=True)
+    e = torch.exp(z)
+    s0 = e.sum(-1)
+    s1 = (e * z).sum(-1)
+    e2 = e * e
+    s2 = e2.sum(-1)
+    s3 = (e2 * z).sum(-1)
+    log_s0 = torch.log(s0)
+    entropy = log_s0 - s1 / s0
+    inv_sq = 1.0 / (s0 * s0)
+    baseline = (s3 - s2 * log_s0) * inv_sq + entropy * (s2 * inv_sq)
+    log_prob = z.gather(-1, token.unsqueeze(-1)).squeeze(-1) - log_s0
+    return log_prob, entropy, baseline
+
+
+_COMPILE_STATE: dict[str, object] = {"ok": None, "fn": None}
+
+
+def _row_offsets(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """A 1-D view of ``logits``' storage span (no copy) and the element offset of each flat row index."""
+    lead = logits.shape[:-1]
+    if any(st < 0 for st in logits.stride()):
+        raise ValueError("logits with negative strides are not supported")
+    span = 1 + sum((n - 1) * st for n, st in zip(logits.shape, logits.stride()))
+    # a fresh tensor on the same storage, not a view: a view's ``_base`` would make torch.compile guard on
+    # (and recompile for) every layout of the original logits
+    flat = torch.empty(0, dtype=logits.dtype, device=logits.device).set_(
+        logits.untyped_storage(), logits.storage_offset(), (span,), (1,))
+    offset = torch.zeros_like(rows)
+    rest = rows
+    for n, st in zip(reversed(lead), reversed(logits.stride()[:-1])):
+        offset += (rest % n) * st
+        rest = rest // n
+    return flat, offset
+
+
+def _run_compiled(logits: Tensor, flat_tokens: Tensor, rows: Tensor, out: Tensor) -> bool:
+    if _COMPILE_STATE["ok"] is False:
+        return False
+    if _COMPILE_STATE["fn"] is None:
+        _COMPILE_STATE["fn"] = torch.compile(fused_row_stats, dynamic=True)
+    flat, row_start = _row_offsets(logits, rows)
+    try:
+        log_prob, entropy, baseline = _COMPILE_STATE["fn"](flat, row_start, flat_tokens[rows].long(),
+                                                           logits.shape[-1], logits.stride(-1))
+    except Exception as exc:  # no C++ compiler, unsupported platform: keep the torch path
+        _COMPILE_STATE["ok"] = False
+        warnings.warn(f"token_entropy_stats: the compiled kernel is unavailable here ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); using the torch path", RuntimeWarning, stacklevel=3)
+        return False
+    _COMPILE_STATE["ok"] = True
+    _store(out, rows, log_prob, entropy, baseline)
+    return True
+
+
+def _store(out: Tensor, rows: Tensor, log_prob: Tensor, entropy: Tensor, baseline: Tensor) -> None:
+    if not (all_finite(entropy) and all_finite(baseline) and all_finite(log_prob)):
+        raise ValueError("logits contain NaN/inf at masked-in positions")
+    out[0, rows] = log_prob
+    out[1, rows] = entropy
+    out[2, rows] = baseline
+
+
+def _triton_available() -> bool:
+    from . import _triton_entropy
+
+    return _triton_entropy.available()
+
+
+def _run_triton(logits: Tensor, flat_tokens: Tensor, rows: Tensor, out: Tensor) -> bool:
+    from . import _triton_entropy
+
+    if not _triton_entropy.available(logits.device):
+        warnings.warn("token_entropy_stats: the Triton kernel needs Triton and a CUDA tensor (or "
+                      "TRITON_INTERPRET=1); using the torch path", RuntimeWarning, stacklevel=3)
+        return False
+    flat, row_start = _row_offsets(logits, rows)
+    log_prob, entropy, baseline = _triton_entropy.row_stats(flat, row_start, flat_tokens[rows].long(),
+                                                            logits.shape[-1], logits.stride(-1))
+    _store(out, rows, log_prob, entropy, baseline)
+    return True
 
 
 def token_entropy_contributions(
