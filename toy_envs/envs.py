@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .policies import NeuralTokenPolicy, TabularBanditPolicy, TabularTokenPolicy, TokenPolicy, zipf_logits
+from .policies import (
+    NeuralTokenPolicy,
+    TabularBanditPolicy,
+    TabularTokenPolicy,
+    TokenPolicy,
+    row_blocks,
+    zipf_logits,
+)
 
 __all__ = [
     "REGIMES",
@@ -36,6 +43,8 @@ __all__ = [
     "make_bandit",
     "make_token_env",
     "correct_ranks",
+    "exact_sampling_metrics",
+    "expected_distinct",
 ]
 
 REGIMES = ("correlated", "uncorrelated", "anti")
@@ -70,9 +79,19 @@ def exact_sampling_metrics(p_correct: Tensor, answer_probs: Tensor, ks: tuple[in
     ``distinct = sum_x 1 - (1 - pi_x)^n_eval``, the expected number of distinct correct answers among
     ``n_eval`` samples.
     """
+    return _metrics(p_correct, expected_distinct(answer_probs, n_eval), ks)
+
+
+def expected_distinct(answer_probs: Tensor, n_eval: int) -> Tensor:
+    """``sum_x 1 - (1 - pi_x)^n_eval`` over the last dimension: ``[..., X] -> [...]``."""
+    return (1.0 - (1.0 - answer_probs) ** n_eval).sum(-1)
+
+
+def _metrics(p_correct: Tensor, distinct: Tensor, ks: tuple[int, ...]) -> dict[str, Tensor]:
+    """pass@k from ``p_correct`` ``[S, P]`` and the mean over prompts of ``distinct`` ``[S, P]``."""
     p = p_correct.clamp(0.0, 1.0)
     out = {f"pass@{k}": (1.0 - (1.0 - p) ** k).mean(-1).float() for k in ks}
-    out["distinct"] = (1.0 - (1.0 - answer_probs) ** n_eval).sum(-1).mean(-1).float()
+    out["distinct"] = distinct.mean(-1).float()
     return out
 
 
@@ -108,11 +127,22 @@ class BanditTask:
         ``pass@k = 1 - (1 - p)^k`` with ``p`` the probability that one sample is correct (for
         Bernoulli rewards ``p = sum_a pi_a q_a``); ``distinct`` = expected number of distinct
         correct (good) arms among ``n_eval`` samples, ``sum_{a correct} 1 - (1 - pi_a)^n_eval``.
-        These are the limits of held-out sampling, without its noise.
+        These are the limits of held-out sampling, without its noise. Computed block by block of prompts
+        (:func:`~toy_envs.policies.row_blocks`, the policy's ``chunk_elements``), as
+        :func:`exact_sampling_metrics` of the whole ``[S, P, K]`` tensors would, row for row.
         """
-        pi = policy.probabilities().double()
-        q = self.correct.double() if self.success is None else self.success.double()
-        return exact_sampling_metrics((pi * q).sum(-1), pi * self.correct.double(), ks, n_eval)
+        k = policy.vocab
+        z = policy.logits.detach().reshape(-1, k)
+        correct = self.correct.reshape(-1, k)
+        rate = correct if self.success is None else self.success.reshape(-1, k)
+        p_correct = torch.empty(z.shape[0], dtype=torch.float64)
+        distinct = torch.empty(z.shape[0], dtype=torch.float64)
+        for b in row_blocks(z.shape[0], k, policy.chunk_elements):
+            pi = torch.softmax(z[b], -1).double()
+            p_correct[b] = (pi * rate[b].double()).sum(-1)
+            distinct[b] = expected_distinct(pi * correct[b].double(), n_eval)
+        shape = (policy.n_seeds, policy.n_prompts)
+        return _metrics(p_correct.reshape(shape), distinct.reshape(shape), ks)
 
 
 class SequenceTask:

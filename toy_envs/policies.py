@@ -16,11 +16,19 @@ the entropy of the state (prompt, prefix) of position ``t`` when that state's lo
 the single-sample update of that position alone: ``A (e_y - pi)`` (``rule="pg"``) or
 ``A e_y / pi_y`` (``rule="npg"``). Because the first-order change is linear in the logit
 step, the change of a state visited by several positions is the sum of their contributions.
+
+Cache blocking. The bandit's per-prompt computations (sampling, log-probabilities and their gradient,
+entropies, contributions) are row-wise over its ``[S * P, K]`` logits, so they run block by block of about
+:data:`CHUNK_ELEMENTS` logits (:func:`row_blocks`): every temporary then stays in the core's cache instead of
+being a full ``[S, P, K]`` tensor that each pass re-reads from memory. Every row is computed by the same
+operations as on the whole tensor, so the results are the same bits for any block size (see
+``docs/performance.md``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -39,6 +47,8 @@ from entrotheory import (
 from entrotheory.core import check_rule
 
 __all__ = [
+    "CHUNK_ELEMENTS",
+    "row_blocks",
     "ToyPolicy",
     "TabularBanditPolicy",
     "TokenPolicy",
@@ -46,6 +56,30 @@ __all__ = [
     "NeuralTokenPolicy",
     "zipf_logits",
 ]
+
+
+#: logits per block of rows in the bandit's block-wise computations (256 KiB of float32): a block's handful of
+#: temporaries fits in a 2 MiB L2 cache. A policy's ``chunk_elements`` attribute overrides it.
+CHUNK_ELEMENTS = 1 << 16
+
+
+def row_blocks(n_rows: int, row_len: int, chunk_elements: int = CHUNK_ELEMENTS) -> list[slice]:
+    """Consecutive row ranges of a ``[n_rows, row_len]`` tensor, each of about ``chunk_elements`` elements.
+
+    At least one row per block; ``chunk_elements >= n_rows * row_len`` gives one block (the whole tensor).
+    Where a block holds enough rows, every block but the last has a multiple of 64 elements: torch's
+    element-wise CPU kernels (``exp``, ``pow``) take a scalar code path for the last elements of a range that
+    does not fill whole SIMD registers, and that path may round differently; with blocks of whole registers an
+    element takes the vector path exactly where it does in the whole tensor.
+    """
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    row_len = max(row_len, 1)
+    rows = max(1, chunk_elements // row_len)
+    align = 64 // math.gcd(row_len, 64)  # rows per multiple of 64 elements
+    if rows >= align:
+        rows -= rows % align
+    return [slice(a, min(a + rows, n_rows)) for a in range(0, n_rows, rows)]
 
 
 def zipf_logits(
@@ -80,6 +114,9 @@ class ToyPolicy:
     seq_len: int
     vocab: int
     tabular: bool
+    #: whether the state of every position is its (seed, prompt) alone, so that the entropies of a batch's
+    #: states do not depend on the sampled tokens (the bandit); then :meth:`prompt_entropy` gives them
+    prompt_states: bool = False
 
     def parameters(self) -> list[Tensor]:
         """Trainable tensors, each with the seed dimension first."""
@@ -93,12 +130,40 @@ class ToyPolicy:
         """``(log pi(y_t) [S, P, n, T], H_t [S, P, n, T] or None)`` with gradient."""
         raise NotImplementedError
 
+    def forward_leaves(
+        self, tokens: Tensor, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None, Callable[[], None]]:
+        """:meth:`forward` cut in two: ``(lp, H_t, backward)``.
+
+        ``lp`` ``[S, P, n, T]`` and ``H_t`` (or ``None``) have the values of :meth:`forward`'s but start a new
+        graph (``lp`` is a leaf that requires grad; ``H_t`` a leaf or a view of one). After a loss built from
+        them has been back-propagated, ``backward()`` carries their gradients on into the parameters'
+        ``.grad`` (accumulating): the same gradients, bit for bit, as back-propagating the loss through
+        :meth:`forward`'s graph. This default replays :meth:`forward`'s graph; the bandit recomputes it block
+        by block of prompts.
+        """
+        lp, ht = self.forward(tokens, with_entropy)
+        lp_leaf = lp.detach().requires_grad_(True)
+        ht_leaf = ht.detach().requires_grad_(True) if ht is not None else None
+
+        def backward() -> None:
+            pairs = [(out, leaf.grad) for out, leaf in ((lp, lp_leaf), (ht, ht_leaf))
+                     if leaf is not None and leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+        return lp_leaf, ht_leaf, backward
+
     def entropy(self, tokens: Tensor) -> Tensor:
         """Entropy of the state of every position, ``[S, P, n, T]`` float64, no gradient.
 
         float64 so that tiny measured changes (small learning rates) are not rounding noise.
         """
         raise NotImplementedError
+
+    def prompt_entropy(self) -> Tensor:
+        """Entropy of every (seed, prompt) state ``[S, P]`` float64, for policies with ``prompt_states``."""
+        raise NotImplementedError(f"{type(self).__name__} has states below the prompt (prefixes)")
 
     def contributions(self, tokens: Tensor, advantages: Tensor, rule: str = "pg") -> Tensor:
         """Per-position first-order contributions per unit learning rate, ``[S, P, n, T]``."""
@@ -148,24 +213,43 @@ class TabularBanditPolicy(ToyPolicy):
 
     Plain SGD with learning rate ``eta`` on the loss ``sum_p mean_i -A_i log pi_p(y_i)``
     moves the logits of prompt ``p`` by exactly ``eta * logit_update(z_p, y_p, A_p, "pg")``.
+
+    Sampling, :meth:`forward_leaves`, :meth:`prompt_entropy`, :meth:`contributions`,
+    :meth:`bonus_contributions` and :meth:`precondition_npg` work block by block of ``chunk_elements`` logits
+    (:func:`row_blocks`; default :data:`CHUNK_ELEMENTS`) with the same results as on the whole tensor.
     """
 
     tabular = True
+    prompt_states = True
 
-    def __init__(self, logits: Tensor) -> None:
+    def __init__(self, logits: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         if logits.ndim != 3:
             raise ValueError(f"bandit logits must be [S, P, K], got {tuple(logits.shape)}")
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         self.logits = logits.detach().clone().to(torch.float32).requires_grad_(True)
         self.n_seeds, self.n_prompts, self.vocab = logits.shape
         self.seq_len = 1
+        self.chunk_elements = int(chunk_elements)
 
     def parameters(self) -> list[Tensor]:
         return [self.logits]
 
+    def _rows(self) -> Tensor:
+        """The logits as ``[S * P, K]`` rows (a view, no gradient)."""
+        return self.logits.detach().reshape(-1, self.vocab)
+
+    def _blocks(self) -> list[slice]:
+        return row_blocks(self.n_seeds * self.n_prompts, self.vocab, self.chunk_elements)
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        probs = torch.softmax(self.logits, -1).reshape(-1, self.vocab)
-        arms = torch.multinomial(probs, n, replacement=True, generator=generator)
+        z = self._rows()
+        if n == 1:  # torch's one-sample path draws from the generator for the whole tensor at once
+            arms = torch.multinomial(torch.softmax(z, -1), 1, replacement=True, generator=generator)
+        else:  # row after row, n uniforms each: block by block draws the same numbers in the same order
+            arms = torch.cat([torch.multinomial(torch.softmax(z[b], -1), n, replacement=True, generator=generator)
+                              for b in self._blocks()])
         return arms.reshape(self.n_seeds, self.n_prompts, n, 1)
 
     def forward(self, tokens: Tensor, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -176,26 +260,85 @@ class TabularBanditPolicy(ToyPolicy):
             ent = entropy(self.logits)[:, :, None, None].expand_as(lp)
         return lp, ent
 
+    def forward_leaves(
+        self, tokens: Tensor, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None, Callable[[], None]]:
+        s, p, n, _ = tokens.shape
+        z, idx, blocks = self._rows(), tokens[..., 0].reshape(-1, n), self._blocks()
+        lp_leaf = torch.empty(s, p, n, 1)
+        h_leaf = torch.empty(s, p) if with_entropy else None
+        with torch.no_grad():
+            lp_rows = lp_leaf.view(-1, n)
+            for b in blocks:
+                lp_rows[b] = torch.log_softmax(z[b], -1).gather(-1, idx[b])
+                if h_leaf is not None:
+                    h_leaf.view(-1)[b] = entropy(z[b])
+        lp_leaf.requires_grad_(True)
+        ht = None
+        if h_leaf is not None:
+            h_leaf.requires_grad_(True)
+            ht = h_leaf[:, :, None, None].expand_as(lp_leaf)
+
+        def backward() -> None:
+            g_lp = lp_leaf.grad
+            g_h = h_leaf.grad if h_leaf is not None else None
+            if g_lp is None and g_h is None:
+                return
+            g_lp_rows = g_lp.reshape(-1, n) if g_lp is not None else None
+            g_h_rows = g_h.reshape(-1) if g_h is not None else None
+            grad = torch.empty_like(z)
+            for b in blocks:  # forward's graph, one block of rows at a time
+                zb = z[b].requires_grad_(True)
+                outs, grads = [], []
+                if g_lp_rows is not None:
+                    outs.append(torch.log_softmax(zb, -1).gather(-1, idx[b]))
+                    grads.append(g_lp_rows[b])
+                if g_h_rows is not None:
+                    outs.append(entropy(zb))
+                    grads.append(g_h_rows[b])
+                (grad[b],) = torch.autograd.grad(outs, zb, grads)
+            grad = grad.reshape(self.logits.shape)
+            if self.logits.grad is None:
+                self.logits.grad = grad
+            else:
+                self.logits.grad += grad
+
+        return lp_leaf, ht, backward
+
+    @torch.no_grad()
+    def prompt_entropy(self) -> Tensor:
+        z = self._rows()
+        out = torch.empty(z.shape[0], dtype=torch.float64)
+        for b in self._blocks():
+            out[b] = entropy(z[b].double())
+        return out.reshape(self.n_seeds, self.n_prompts)
+
     @torch.no_grad()
     def entropy(self, tokens: Tensor) -> Tensor:
-        return entropy(self.logits.double())[:, :, None, None].expand(tokens.shape).contiguous()
+        return self.prompt_entropy()[:, :, None, None].expand(tokens.shape).contiguous()
 
     @torch.no_grad()
     def contributions(self, tokens: Tensor, advantages: Tensor, rule: str = "pg") -> Tensor:
         # entropy_change_contributions averages over the n samples of a state (1/N);
         # the per-position convention is N = 1, hence the factor n.
         n = tokens.shape[2]
-        c = entropy_change_contributions(self.logits.detach(), tokens[..., 0], advantages[..., 0], rule)
-        return (n * c).unsqueeze(-1).to(torch.float32)
+        z, idx, adv = self._rows(), tokens[..., 0].reshape(-1, n), advantages[..., 0].reshape(-1, n)
+        out = torch.empty(z.shape[0], n)
+        for b in self._blocks():
+            out[b] = n * entropy_change_contributions(z[b], idx[b], adv[b], rule)
+        return out.reshape(tokens.shape)
 
     @torch.no_grad()
     def bonus_contributions(self, tokens: Tensor, weights: Tensor, rule: str = "pg") -> Tensor:
-        z = self.logits.detach()
-        dz = entropy_gradient(z)
-        if check_rule(rule) == "npg":
-            dz = dz / torch.softmax(z, -1)
-        per_state = predicted_entropy_change(z, dz).to(torch.float32)  # [S, P]
-        return weights * per_state[:, :, None, None]
+        npg = check_rule(rule) == "npg"
+        z = self._rows()
+        per_state = torch.empty(z.shape[0])
+        for b in self._blocks():
+            dz = entropy_gradient(z[b])
+            if npg:
+                dz = dz / torch.softmax(z[b], -1)
+            per_state[b] = predicted_entropy_change(z[b], dz)
+        return weights * per_state.reshape(self.n_seeds, self.n_prompts)[:, :, None, None]
 
     def visit_counts(self, tokens: Tensor) -> Tensor:
         return torch.full(tokens.shape, float(tokens.shape[2]), dtype=torch.float32)
@@ -207,7 +350,9 @@ class TabularBanditPolicy(ToyPolicy):
     @torch.no_grad()
     def precondition_npg(self) -> None:
         if self.logits.grad is not None:
-            self.logits.grad.div_(torch.softmax(self.logits, -1))
+            z, grad = self._rows(), self.logits.grad.view(-1, self.vocab)
+            for b in self._blocks():
+                grad[b].div_(torch.softmax(z[b], -1))
 
     @torch.no_grad()
     def probabilities(self) -> Tensor:

@@ -48,7 +48,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from entrotheory.advantages import compute_advantages
-from entrotheory.core import check_rule
+from entrotheory.core import all_finite, check_rule
 from entrotheory.methods import make_method, masked_token_mean
 from entrotheory.param_space import StepPreconditioner, adam_preconditioner, sgd_preconditioner
 
@@ -149,11 +149,19 @@ class TrainResult:
         return np.nanmean(self.history[key], axis=1)
 
 
-def _token_stats_for(policy: ToyPolicy, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-position entropy and visit weights ``n_s / N_tok`` (both ``[S, P, G, T]``)."""
-    ent = policy.entropy(tokens)
+def _token_stats_for(policy: ToyPolicy, tokens: Tensor, prompt_entropy: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-position entropy and visit weights ``n_s / N_tok`` (both ``[S, P, G, T]``); ``prompt_entropy``
+    ``[S, P]``: the states' entropies, already known for a policy with ``prompt_states``."""
+    ent = _position_entropy(policy, tokens, prompt_entropy)
     n_tok = tokens.shape[1] * tokens.shape[2] * tokens.shape[3]
     return ent, policy.visit_counts(tokens) / n_tok
+
+
+def _position_entropy(policy: ToyPolicy, tokens: Tensor, prompt_entropy: Tensor | None) -> Tensor:
+    """``policy.entropy(tokens)`` ``[S, P, G, T]`` float64, from ``prompt_entropy`` ``[S, P]`` when given."""
+    if prompt_entropy is None:
+        return policy.entropy(tokens)
+    return prompt_entropy[:, :, None, None].expand(tokens.shape).contiguous()
 
 
 def seed_optimizer_preconditioner(opt: SeedOptimizer, grads: list[Tensor] | None = None) -> StepPreconditioner:
@@ -227,6 +235,9 @@ def train(
     def rec(key: str, value: Tensor | np.ndarray | list[float]) -> None:
         hist.setdefault(key, []).append(np.asarray(value, dtype=np.float64).reshape(s_))
 
+    # a bandit's state entropies do not depend on the tokens: those measured after a step's update are the
+    # next step's entropies before it (the parameters do not change in between)
+    prompt_h: Tensor | None = None
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=cfg.method or "pg", leave=False)
     for step in bar:
         if cfg.eval_every and step % cfg.eval_every == 0:
@@ -244,7 +255,9 @@ def train(
             zero_sig.append(info["zero_signal_groups"])
         adv = torch.stack(adv_list)  # [S, P, G]
         adv_tok = adv.unsqueeze(-1).expand(s_, p_, g_, t_).contiguous()
-        h_before, weight = _token_stats_for(policy, tokens)
+        if policy.prompt_states and prompt_h is None:
+            prompt_h = policy.prompt_entropy()
+        h_before, weight = _token_stats_for(policy, tokens, prompt_h)
         h_mean = h_before.mean(dim=(1, 2, 3))  # [S]
         # per-sample first-order contributions (per unit lr) to the batch token-mean entropy
         if cfg.predictor == "param":
@@ -261,7 +274,9 @@ def train(
         predicted = torch.zeros(s_)
         diags: dict[str, list[float]] = {k: [math.nan] * s_ for k in DIAGNOSTIC_KEYS}
         for update in range(cfg.updates_per_batch):
-            lp, ht = policy.forward(tokens, with_entropy=needs_entropy)
+            # lp and ht start their own graph: the loss is back-propagated to them, then policy_backward()
+            # carries their gradients into the parameters (block by block for the bandit)
+            lp, ht, policy_backward = policy.forward_leaves(tokens, with_entropy=needs_entropy)
             lp.retain_grad()
             if ht is not None:
                 ht.retain_grad()
@@ -300,6 +315,7 @@ def train(
             if not losses:
                 break
             torch.stack(losses).sum().backward()
+            policy_backward()
             # first-order prediction of this update, from the effective advantages it applied
             if cfg.predictor == "param":
                 eff_adv = -lp.grad if lp.grad is not None else torch.zeros_like(lp)
@@ -324,10 +340,11 @@ def train(
             opt.step(active)
             opt.zero_grad()
         for prm in policy.parameters():
-            if not bool(torch.isfinite(prm).all()):
+            if not all_finite(prm.detach()):
                 raise FloatingPointError(f"non-finite parameters after step {step}")
         with torch.no_grad():
-            h_after = policy.entropy(tokens).mean(dim=(1, 2, 3))
+            prompt_h = policy.prompt_entropy() if policy.prompt_states else None
+            h_after = _position_entropy(policy, tokens, prompt_h).mean(dim=(1, 2, 3))
         measured = h_after - h_mean
         if methods is not None:
             for s in range(s_):
