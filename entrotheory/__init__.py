@@ -15,7 +15,7 @@ from .core import (
     predicted_entropy_change,
     second_order_entropy_change,
 )
-from .methods import METHODS, MethodPlan, make_method, masked_token_mean
+from .methods import METHODS, MethodOptions, MethodPlan, make_method, masked_token_mean
 from .param_space import (
     ParamSpaceContributions,
     StepPreconditioner,
@@ -26,7 +26,7 @@ from .param_space import (
     preconditioner_from_optimizer,
     sgd_preconditioner,
 )
-from .rejection import EntropyRejectionSampler, Selection
+from .rejection import EntropyRejectionSampler, SamplerOptions, Selection
 from .schedules import Band, Schedule, parse_band, parse_schedule
 from .state_estimate import EntropyStateEstimate, batch_entropy_variance
 from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
@@ -55,6 +55,8 @@ __all__ = [
     "Selection",
     "METHODS",
     "MethodPlan",
+    "MethodOptions",
+    "SamplerOptions",
     "make_method",
     "masked_token_mean",
     "ParamSpaceContributions",

@@ -23,18 +23,30 @@ Shapes: ``[B, T]`` everywhere (B responses, T positions; a bandit sample is ``T 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .core import check_float_tensor, check_rule
-from .rejection import EntropyRejectionSampler, _as_float
+from .rejection import EntropyRejectionSampler, SamplerOptions, _as_float
 from .schedules import Schedule, parse_schedule
 
 __all__ = [
     "METHODS",
     "MethodPlan",
+    "MethodOptions",
+    "EntropyBonusOptions",
+    "AdaptiveEntropyBonusOptions",
+    "ClipHigherOptions",
+    "CovOptions",
+    "ClipCovOptions",
+    "KLCovOptions",
+    "SignOptions",
+    "WReinforceOptions",
+    "EntroPICOptions",
+    "EntrocraftOptions",
     "EntropyMethod",
     "make_method",
     "masked_token_mean",
@@ -268,6 +280,214 @@ class MethodPlan:
                        detach=take(self.detach), kl_mask=take(self.kl_mask), sign_source=take(self.sign_source))
 
 
+# ----------------------------------------------------------------------------- typed options
+def _set_float(obj: object, name: str, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    object.__setattr__(obj, name, _as_float(value, name))
+
+
+def _check_choice(obj: object, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {getattr(obj, name)!r}")
+
+
+def _defaults(options_class: type) -> dict[str, object]:
+    return {f.name: f.default for f in fields(options_class)}
+
+
+#: a target: a number (constant), a schedule spec, or a Schedule
+TargetSpec = float | str | Schedule | None
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options every method takes (docs/theory.md §4.6), validated on construction.
+
+    ``eps_low``/``eps_high``: PPO clip range; ``clip_ratio_c``: dual clip on ``A < 0`` tokens (verl's
+    default 3; None: off); ``importance_ratio``: ``"token"`` or GSPO's ``"sequence"``; ``rule``: the rule
+    for which callers compute contributions; ``lr``: the optimiser's learning rate (predictive
+    calibration); ``total_steps``: horizon of schedule specs.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_ratio_c: float | None = 3.0
+    importance_ratio: Literal["token", "sequence"] = "token"
+    rule: Literal["pg", "npg"] = "pg"
+    lr: float = 1.0
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _set_float(self, "eps_low", optional=True)
+        _set_float(self, "eps_high", optional=True)
+        low, high = self.eps_low, self.eps_high
+        if low is not None and high is not None and (not (0 <= low <= 1) or high < 0):
+            raise ValueError(f"need 0 <= eps_low <= 1 and eps_high >= 0, got {low}, {high}")
+        _set_float(self, "clip_ratio_c", optional=True)
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c (dual clip) must be > 1 or None, got {self.clip_ratio_c}")
+        if self.importance_ratio not in ("token", "sequence"):
+            raise ValueError(f"importance_ratio must be 'token' or 'sequence' (GSPO), got {self.importance_ratio!r}")
+        check_rule(str(self.rule))
+        _set_float(self, "lr")
+        ts = self.total_steps
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts <= 0):
+            raise ValueError(f"total_steps must be an int > 0, got {ts!r}")
+
+
+@dataclass(frozen=True)
+class EntropyBonusOptions(MethodOptions):
+    coef: float = 0.003  # the bonus coefficient
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set_float(self, "coef")
+
+
+@dataclass(frozen=True)
+class AdaptiveEntropyBonusOptions(MethodOptions):
+    target: TargetSpec = 0.5  # entropy below which the bonus grows
+    schedule: TargetSpec = None  # alias of target (a schedule spec)
+    coef_init: float = 0.0
+    delta: float = 0.001
+    coef_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("coef_init", "delta", "coef_max"):
+            _set_float(self, name)
+        if self.coef_init < 0 or self.delta <= 0 or self.coef_max < 0:
+            raise ValueError("need coef_init >= 0, delta > 0, coef_max >= 0")
+
+
+@dataclass(frozen=True)
+class ClipHigherOptions(MethodOptions):
+    eps_high: float = 0.28  # DAPO's decoupled upper clip
+
+
+@dataclass(frozen=True)
+class CovOptions(MethodOptions):
+    ratio: float = 2e-4  # fraction of the batch's tokens selected
+    seed: int = 0  # of the generator that draws Clip-Cov's tokens
+    verl_compat: bool = True  # verl's details (docs/theory.md §4.6)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set_float(self, "ratio")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if not isinstance(self.verl_compat, bool):
+            raise TypeError(f"verl_compat must be a bool, got {self.verl_compat!r}")
+
+
+@dataclass(frozen=True)
+class ClipCovOptions(CovOptions):
+    lb: float = 1.0  # covariance bounds of the candidate tokens
+    ub: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set_float(self, "lb")
+        _set_float(self, "ub")
+        if self.lb > self.ub:
+            raise ValueError(f"clip-cov bounds need lb <= ub, got {self.lb}, {self.ub}")
+
+
+@dataclass(frozen=True)
+class KLCovOptions(CovOptions):
+    """``eps_low``/``eps_high`` default to None: with ``verl_compat`` KL-Cov has no PPO clip, so giving
+    them is an error; without it they default to 0.2 / 0.2."""
+
+    eps_low: float | None = None
+    eps_high: float | None = None
+    kl_coef: float = 0.1
+
+    def __post_init__(self) -> None:
+        given = sorted(n for n in ("eps_low", "eps_high") if getattr(self, n) is not None)
+        if self.verl_compat and given:
+            raise ValueError(f"kl-cov with verl_compat=True has no PPO clip (verl's -A r), so {given} would be "
+                             "ignored; pass verl_compat=False to use a clipped surrogate")
+        for name in ("eps_low", "eps_high"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, 0.2)
+        super().__post_init__()
+        _set_float(self, "kl_coef")
+
+
+@dataclass(frozen=True)
+class SignOptions(MethodOptions):
+    source: Literal["advantages", "rewards"] = "advantages"  # the values whose signs decide
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(self, "source", ("advantages", "rewards"))
+
+
+@dataclass(frozen=True)
+class WReinforceOptions(SignOptions):
+    weight: float = 0.1  # lambda, the weight of positive samples
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set_float(self, "weight")
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class EntroPICOptions(MethodOptions):
+    target: TargetSpec = 0.5
+    schedule: TargetSpec = None  # alias of target
+    kp: float = 1.0
+    ki: float = 0.01
+    alpha_max: float = 1.0
+    source: Literal["advantages", "rewards"] = "advantages"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("kp", "ki", "alpha_max"):
+            _set_float(self, name)
+        _check_choice(self, "source", ("advantages", "rewards"))
+
+
+@dataclass(frozen=True)
+class EntrocraftOptions(MethodOptions):
+    """Entrocraft: one of ``target``/``schedule``/``band`` (default: the method's), ``exact_reference``
+    (band mode only), and the sampler's options (:class:`entrotheory.rejection.SamplerOptions`; None
+    keeps the sampler's default)."""
+
+    target: TargetSpec = None
+    schedule: TargetSpec = None
+    band: TargetSpec = None
+    width: float | None = None
+    exact_reference: bool = False
+    k_scale: float = 1.0
+    k_init: float | None = None
+    k_min: float | None = None
+    k_max: float | None = None
+    forget: float = 0.9
+    huber: float = 3.0
+    fit_offset: bool = True
+    offset_prior: float = 0.1
+    tolerance: float = 0.0
+    unit: Literal["sample", "token"] = "sample"
+    contribution_norm: Literal["auto", "sum", "mean"] = "auto"
+    step_offset: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        given = [k for k in ("target", "schedule", "band") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of target/schedule/band, got {given}")
+        self.sampler_options()  # validates the sampler's part
+
+    def sampler_options(self) -> SamplerOptions:
+        names = [f.name for f in fields(SamplerOptions)]
+        return SamplerOptions(**{n: getattr(self, n) for n in names})
+
+
 # ----------------------------------------------------------------------------- base class
 class EntropyMethod:
     """Base class: vanilla GRPO/PPO token loss, no entropy intervention (docs/theory.md §4.6).
@@ -283,41 +503,44 @@ class EntropyMethod:
     name = "vanilla"
     needs_token_entropy = False
     needs_contributions = False
-    COMMON: dict[str, object] = {"eps_low": 0.2, "eps_high": 0.2, "total_steps": None, "rule": "pg", "lr": 1.0,
-                                 "clip_ratio_c": 3.0, "importance_ratio": "token"}
-    OPTIONS: dict[str, object] = {}
+    Options: type[MethodOptions] = MethodOptions
+    #: option name -> default, of ``Options`` (for introspection: which options a method takes)
+    OPTIONS: dict[str, object] = _defaults(MethodOptions)
 
-    def __init__(self, **options: object) -> None:
-        allowed = {**self.COMMON, **self.OPTIONS}
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-        self.options = {**allowed, **options}
-        self._given = frozenset(options)
-        self.eps_low = _as_float(self.options["eps_low"], "eps_low")
-        self.eps_high = _as_float(self.options["eps_high"], "eps_high")
-        if not (0 <= self.eps_low <= 1) or self.eps_high < 0:
-            raise ValueError(f"need 0 <= eps_low <= 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        c = self.options["clip_ratio_c"]
-        self.clip_ratio_c: float | None = None if c is None else _as_float(c, "clip_ratio_c")
-        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
-            raise ValueError(f"clip_ratio_c (dual clip) must be > 1 or None, got {self.clip_ratio_c}")
-        if self.options["importance_ratio"] not in ("token", "sequence"):
-            raise ValueError(f"importance_ratio must be 'token' or 'sequence' (GSPO), got "
-                             f"{self.options['importance_ratio']!r}")
-        self.importance_ratio: str = self.options["importance_ratio"]  # type: ignore[assignment]
-        self.rule = check_rule(str(self.options["rule"]))
-        ts = self.options["total_steps"]
-        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts <= 0):
-            raise ValueError(f"total_steps must be an int > 0, got {ts!r}")
-        self.total_steps: int | None = ts  # type: ignore[assignment]
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.OPTIONS = _defaults(cls.Options)
+
+    def __init__(self, options: MethodOptions | None = None, **kwargs: object) -> None:
+        if options is None:
+            known = set(self.OPTIONS)
+            unknown = sorted(set(kwargs) - known)
+            if unknown:
+                raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(known)}")
+            try:
+                options = self.Options(**kwargs)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"method {self.name!r}: {exc}") from None
+        elif kwargs:
+            raise TypeError(f"method {self.name!r}: give either options= or keyword options, not both")
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"method {self.name!r} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options
+        self.eps_low: float = options.eps_low  # type: ignore[assignment]
+        self.eps_high: float = options.eps_high  # type: ignore[assignment]
+        self.clip_ratio_c: float | None = options.clip_ratio_c
+        self.importance_ratio: str = options.importance_ratio
+        self.rule = check_rule(str(options.rule))
+        self.total_steps: int | None = options.total_steps
         self._setup()
 
     def _setup(self) -> None:
         """Per-method option checks and state; override."""
 
     def _target(self, key: str = "target") -> Schedule:
-        spec = self.options[key]
+        spec = getattr(self.options, key)
+        if key == "target" and getattr(self.options, "schedule", None) is not None:
+            spec = self.options.schedule
         if spec is None:
             raise ValueError(f"method {self.name!r} needs {key}=... (a number, a schedule spec or a Schedule)")
         if isinstance(spec, Schedule):
@@ -403,7 +626,7 @@ class EntropyMethod:
 
     def _source(self, adv: Tensor, rewards: Tensor | None, mask: Tensor) -> Tensor:
         """Advantages or, with ``source="rewards"``, the raw rewards broadcast to ``[B, T]``."""
-        if self.options.get("source", "advantages") == "advantages":
+        if getattr(self.options, "source", "advantages") == "advantages":
             return adv
         if rewards is None:
             raise ValueError(f"method {self.name!r} with source='rewards' needs rewards=...")
@@ -481,10 +704,10 @@ class EntropyBonus(EntropyMethod):
 
     name = "entropy-bonus"
     needs_token_entropy = True
-    OPTIONS = {"coef": 0.003}
+    Options = EntropyBonusOptions
 
     def _setup(self) -> None:
-        self.coef = _as_float(self.options["coef"], "coef")
+        self.coef = self.options.coef
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         return MethodPlan(advantages=adv, accepted=mask.clone(), entropy_coef=self.coef,
@@ -498,17 +721,13 @@ class AdaptiveEntropyBonus(EntropyMethod):
 
     name = "adaptive-entropy-bonus"
     needs_token_entropy = True
-    OPTIONS = {"target": 0.5, "schedule": None, "coef_init": 0.0, "delta": 0.001, "coef_max": 1.0}
+    Options = AdaptiveEntropyBonusOptions
 
     def _setup(self) -> None:
-        if self.options["schedule"] is not None:
-            self.options["target"] = self.options["schedule"]
         self.target = self._target()
-        self.coef = _as_float(self.options["coef_init"], "coef_init")
-        self.delta = _as_float(self.options["delta"], "delta")
-        self.coef_max = _as_float(self.options["coef_max"], "coef_max")
-        if self.coef < 0 or self.delta <= 0 or self.coef_max < 0:
-            raise ValueError("need coef_init >= 0, delta > 0, coef_max >= 0")
+        self.coef = self.options.coef_init
+        self.delta = self.options.delta
+        self.coef_max = self.options.coef_max
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         target = self.target(step)
@@ -531,20 +750,16 @@ class ClipHigher(EntropyMethod):
     """DAPO clip-higher: decoupled ``eps_low = 0.2``, ``eps_high = 0.28`` (§4.6)."""
 
     name = "clip-higher"
-    COMMON = {**EntropyMethod.COMMON, "eps_high": 0.28}
+    Options = ClipHigherOptions
 
 
 class _CovMethod(EntropyMethod):
-    OPTIONS = {"ratio": 2e-4, "seed": 0, "verl_compat": True}
+    Options = CovOptions
 
     def _setup(self) -> None:
-        self.ratio = _as_float(self.options["ratio"], "ratio")
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-        if not isinstance(self.options["verl_compat"], bool):
-            raise TypeError(f"verl_compat must be a bool, got {self.options['verl_compat']!r}")
-        self.verl_compat: bool = self.options["verl_compat"]  # type: ignore[assignment]
-        self.generator = torch.Generator().manual_seed(int(self.options["seed"]))  # type: ignore[arg-type]
+        self.ratio = self.options.ratio
+        self.verl_compat: bool = self.options.verl_compat
+        self.generator = torch.Generator().manual_seed(int(self.options.seed))
 
     def _count(self, mask: Tensor) -> int:
         return max(int(self.ratio * int(mask.sum())), 1)
@@ -571,13 +786,11 @@ class ClipCov(_CovMethod):
     """
 
     name = "clip-cov"
-    OPTIONS = {**_CovMethod.OPTIONS, "lb": 1.0, "ub": 5.0}
+    Options = ClipCovOptions
 
     def _setup(self) -> None:
         super()._setup()
-        self.lb, self.ub = _as_float(self.options["lb"], "lb"), _as_float(self.options["ub"], "ub")
-        if self.lb > self.ub:
-            raise ValueError(f"clip-cov bounds need lb <= ub, got {self.lb}, {self.ub}")
+        self.lb, self.ub = self.options.lb, self.options.ub
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         cov = token_covariance(adv, lp, mask)
@@ -608,15 +821,11 @@ class KLCov(_CovMethod):
     """
 
     name = "kl-cov"
-    OPTIONS = {**_CovMethod.OPTIONS, "kl_coef": 0.1}
+    Options = KLCovOptions
 
     def _setup(self) -> None:
         super()._setup()
-        self.kl_coef = _as_float(self.options["kl_coef"], "kl_coef")
-        given = sorted({"eps_low", "eps_high"} & self._given)
-        if self.verl_compat and given:
-            raise ValueError(f"kl-cov with verl_compat=True has no PPO clip (verl's -A r), so {given} would be "
-                             "ignored; pass verl_compat=False to use a clipped surrogate")
+        self.kl_coef = self.options.kl_coef
 
     def _plan_eps(self) -> tuple[float, float]:
         # clamp(r, 0, inf) = r for every r > 0: -min(r A, r A) = -A r, verl's unclipped KL-Cov surrogate
@@ -636,11 +845,7 @@ class KLCov(_CovMethod):
 
 
 class _SignMethod(EntropyMethod):
-    OPTIONS = {"source": "advantages"}
-
-    def _setup(self) -> None:
-        if self.options["source"] not in ("advantages", "rewards"):
-            raise ValueError(f"source must be 'advantages' or 'rewards', got {self.options['source']!r}")
+    Options = SignOptions
 
     def _weights(self, a: Tensor) -> Tensor:
         raise NotImplementedError
@@ -674,13 +879,10 @@ class WReinforce(_SignMethod):
     """W-REINFORCE: positives weighted by ``weight`` (lambda = 0.1), negatives kept (§4.6)."""
 
     name = "w-reinforce"
-    OPTIONS = {**_SignMethod.OPTIONS, "weight": 0.1}
+    Options = WReinforceOptions
 
     def _setup(self) -> None:
-        super()._setup()
-        self.weight = _as_float(self.options["weight"], "weight")
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        self.weight = self.options.weight
 
     def _weights(self, a):
         return torch.where(a > 0, torch.full_like(a, self.weight), torch.ones_like(a))
@@ -696,16 +898,11 @@ class EntroPIC(EntropyMethod):
     """
 
     name = "entropic"
-    OPTIONS = {"target": 0.5, "schedule": None, "kp": 1.0, "ki": 0.01, "alpha_max": 1.0, "source": "advantages"}
+    Options = EntroPICOptions
 
     def _setup(self) -> None:
-        if self.options["schedule"] is not None:
-            self.options["target"] = self.options["schedule"]
         self.target = self._target()
-        self.kp, self.ki = _as_float(self.options["kp"], "kp"), _as_float(self.options["ki"], "ki")
-        self.alpha_max = _as_float(self.options["alpha_max"], "alpha_max")
-        if self.options["source"] not in ("advantages", "rewards"):
-            raise ValueError(f"source must be 'advantages' or 'rewards', got {self.options['source']!r}")
+        self.kp, self.ki, self.alpha_max = self.options.kp, self.options.ki, self.options.alpha_max
         self.integral = 0.0
         self.alpha = 0.0
 
@@ -731,25 +928,17 @@ class EntroPIC(EntropyMethod):
 
 class _Entrocraft(EntropyMethod):
     MODE = "band"
-    OPTIONS = {"target": None, "schedule": None, "band": None, "width": None, "exact_reference": False,
-               "k_scale": 1.0, "k_init": None, "k_min": None, "k_max": None, "forget": 0.9, "huber": 3.0,
-               "fit_offset": True, "offset_prior": 0.1, "tolerance": 0.0, "unit": "sample", "contribution_norm": "auto",
-               "step_offset": 0}
+    Options = EntrocraftOptions
     DEFAULT_TARGET = "linear:0.6->0.4..linear:0.7->0.5"
 
     def _setup(self) -> None:
-        given = [k for k in ("target", "schedule", "band") if self.options[k] is not None]
-        if len(given) > 1:
-            raise ValueError(f"method {self.name!r}: give only one of target/schedule/band, got {given}")
-        target = self.options[given[0]] if given else self.DEFAULT_TARGET
-        keys = ("width", "k_scale", "k_init", "k_min", "k_max", "forget", "huber", "fit_offset", "offset_prior",
-                "tolerance", "unit", "contribution_norm", "lr", "step_offset")
-        opts = {k: self.options[k] for k in keys if self.options[k] is not None}
-        if self.MODE == "band":
-            opts["exact_reference"] = self.options["exact_reference"]
-        elif self.options["exact_reference"]:
+        o = self.options
+        given = [k for k in ("target", "schedule", "band") if getattr(o, k) is not None]
+        target = getattr(o, given[0]) if given else self.DEFAULT_TARGET
+        if self.MODE != "band" and o.exact_reference:
             raise ValueError("exact_reference applies to entrocraft-band only")
-        self.sampler = EntropyRejectionSampler(target, mode=self.MODE, total_steps=self.total_steps, **opts)
+        self.sampler = EntropyRejectionSampler(target, mode=self.MODE, total_steps=self.total_steps,
+                                               options=o.sampler_options())
 
     def _transform(self, adv, lp, old, mask, h, step, contributions, rewards):
         sel = self.sampler.select(adv, h, step, contributions=contributions, mask=mask, rewards=rewards)
@@ -797,8 +986,11 @@ METHODS: dict[str, type[EntropyMethod]] = {
 }
 
 
-def make_method(name: str, **options: object) -> EntropyMethod:
-    """Build the entropy method ``name`` from :data:`METHODS` with its options (docs/theory.md §4.6)."""
+def make_method(name: str, options: MethodOptions | None = None, **kwargs: object) -> EntropyMethod:
+    """Build the entropy method ``name`` from :data:`METHODS` (docs/theory.md §4.6).
+
+    Options are either a typed ``options=`` (``METHODS[name].Options``, e.g. :class:`ClipCovOptions`) or
+    the same fields as keywords; unknown or invalid options raise naming the method and the option."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")
-    return METHODS[name](**options)
+    return METHODS[name](options, **kwargs)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from torch import Tensor
 from .core import check_float_tensor
 from .schedules import Band, Schedule, parse_band, parse_schedule
 
-__all__ = ["MODES", "Selection", "EntropyRejectionSampler", "StepSizeCalibrator"]
+__all__ = ["MODES", "Selection", "SamplerOptions", "EntropyRejectionSampler", "StepSizeCalibrator"]
 
 MODES = ("band", "predictive")
 
@@ -198,6 +199,61 @@ def _frac(num: int, den: int) -> float:
     return num / den if den else 1.0
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The options of :class:`EntropyRejectionSampler`, validated on construction (see its docstring).
+
+    Numbers given as ints or 0-d tensors are stored as floats; a bad value raises ``ValueError`` or
+    ``TypeError`` naming the option.
+    """
+
+    width: float | None = None
+    exact_reference: bool = False
+    lr: float = 1.0
+    k_scale: float = 1.0
+    k_init: float | None = None
+    k_min: float | None = None
+    k_max: float | None = None
+    forget: float = 0.9
+    huber: float = 3.0
+    fit_offset: bool = True
+    offset_prior: float = 0.1
+    tolerance: float = 0.0
+    unit: Literal["sample", "token"] = "sample"
+    contribution_norm: Literal["auto", "sum", "mean"] = "auto"
+    step_offset: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "k_scale", "forget", "huber", "offset_prior", "tolerance"):
+            object.__setattr__(self, name, _as_float(getattr(self, name), name))
+        for name in ("width", "k_init", "k_min", "k_max"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _as_float(getattr(self, name), name))
+        for name in ("exact_reference", "fit_offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.k_scale <= 0:
+            raise ValueError(f"lr and k_scale must be > 0, got lr={self.lr}, k_scale={self.k_scale}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.unit not in ("sample", "token"):
+            raise ValueError(f"unit must be 'sample' or 'token', got {self.unit!r}")
+        if self.contribution_norm not in ("auto", "sum", "mean"):
+            raise ValueError(f"contribution_norm must be 'auto', 'sum' or 'mean', got {self.contribution_norm!r}")
+        offset = self.step_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"step_offset must be an int >= 0, got {offset!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> SamplerOptions:
+        """Build from keyword options; an unknown name raises ``TypeError`` listing the known ones."""
+        known = tuple(f.name for f in fields(cls))
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; expected some of {known}")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
 class EntropyRejectionSampler:
     """Entrocraft's sampler: pick which samples keep their advantage (docs/theory.md §4.3-4.4).
 
@@ -210,8 +266,7 @@ class EntropyRejectionSampler:
     mode : ``"band"`` (released rule) or ``"predictive"`` (first-order controller).
     total_steps : horizon for spec strings and callables.
 
-    Options (keyword)
-    -----------------
+    options : a :class:`SamplerOptions`; or give its fields as keywords instead:
     width : full band width for a centre schedule (band mode).
     exact_reference : band mode; outside the band train on the raw ``rewards`` (wrong sign
         zeroed) instead of the given advantages, as the released code does. Default False.
@@ -237,50 +292,32 @@ class EntropyRejectionSampler:
         (``token_mean_entropy_change``, docs/theory.md eq. 3.3); ``"mean"`` divides by ``M`` once.
     """
 
-    _OPTIONS = ("width", "exact_reference", "lr", "k_scale", "k_init", "k_min", "k_max", "forget", "huber",
-                "fit_offset", "offset_prior", "tolerance", "unit", "contribution_norm", "step_offset")
-
-    def __init__(self, target: object, mode: str = "band", total_steps: int | None = None, **options: object):
-        unknown = sorted(set(options) - set(self._OPTIONS))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; expected some of {self._OPTIONS}")
+    def __init__(self, target: object, mode: str = "band", total_steps: int | None = None,
+                 options: SamplerOptions | None = None, **kwargs: object):
+        if options is None:
+            options = SamplerOptions.from_kwargs(**kwargs)
+        elif kwargs:
+            raise TypeError(f"give either options=SamplerOptions(...) or keyword options, not both ({sorted(kwargs)})")
+        elif not isinstance(options, SamplerOptions):
+            raise TypeError(f"options must be a SamplerOptions, got {type(options).__name__}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        self.options = options
         self.mode = mode
-        self.exact_reference = bool(options.get("exact_reference", False))
+        self.exact_reference = options.exact_reference
         if self.exact_reference and mode != "band":
             raise ValueError("exact_reference applies to mode='band' only")
-        self.unit = str(options.get("unit", "sample"))
-        if self.unit not in ("sample", "token"):
-            raise ValueError(f"unit must be 'sample' or 'token', got {self.unit!r}")
-        self.contribution_norm = str(options.get("contribution_norm", "auto"))
-        if self.contribution_norm not in ("auto", "sum", "mean"):
-            raise ValueError(f"contribution_norm must be 'auto', 'sum' or 'mean', got {self.contribution_norm!r}")
-        self.tolerance = _as_float(options.get("tolerance", 0.0), "tolerance")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
-        width = options.get("width")
+        self.unit = options.unit
+        self.contribution_norm = options.contribution_norm
+        self.tolerance = options.tolerance
         self.band: Band | None = None
         self.schedule: Schedule | None = None
-        self._resolve_target(target, total_steps, width)
-        lr = _as_float(options.get("lr", 1.0), "lr")
-        k_scale = _as_float(options.get("k_scale", 1.0), "k_scale")
-        if lr <= 0 or k_scale <= 0:
-            raise ValueError(f"lr and k_scale must be > 0, got lr={lr}, k_scale={k_scale}")
-        k_init = options.get("k_init")
-        self.calibrator = StepSizeCalibrator(
-            k_init=_as_float(k_init, "k_init") if k_init is not None else lr * k_scale,
-            k_min=None if options.get("k_min") is None else _as_float(options["k_min"], "k_min"),
-            k_max=None if options.get("k_max") is None else _as_float(options["k_max"], "k_max"),
-            forget=_as_float(options.get("forget", 0.9), "forget"),
-            huber=_as_float(options.get("huber", 3.0), "huber"),
-            fit_offset=bool(options.get("fit_offset", True)),
-            offset_prior=_as_float(options.get("offset_prior", 0.1), "offset_prior"),
-        )
-        offset = options.get("step_offset", 0)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"step_offset must be an int >= 0, got {offset!r}")
-        self.step_offset: int = offset
+        self._resolve_target(target, total_steps, options.width)
+        k_init = options.k_init if options.k_init is not None else options.lr * options.k_scale
+        self.calibrator = StepSizeCalibrator(k_init=k_init, k_min=options.k_min, k_max=options.k_max,
+                                             forget=options.forget, huber=options.huber,
+                                             fit_offset=options.fit_offset, offset_prior=options.offset_prior)
+        self.step_offset: int = options.step_offset
         self._pending: float | None = None
         self.last_diagnostics: dict[str, float | str] = {}
 

@@ -419,3 +419,75 @@ def test_step_offset_reads_the_band_one_step_later():
     assert (d0["lower"], d0["upper"], d0["regime"]) == (d1["lower"], d1["upper"], d1["regime"])
     with pytest.raises(ValueError, match="step_offset"):
         make_method("entrocraft-band", total_steps=10, step_offset=-1)
+
+
+# ----------------------------------------------------------------------------- typed options
+def test_typed_options_build_the_same_method_as_keywords():
+    import dataclasses
+
+    from entrotheory.methods import ClipCovOptions, EntrocraftOptions, KLCovOptions, MethodOptions
+
+    g = torch.Generator().manual_seed(3)
+    adv = torch.randn(16, 5, generator=g)
+    lp = -torch.rand(16, 5, generator=g) * 3
+    mask = torch.rand(16, 5, generator=g) > 0.2
+    typed = make_method("clip-cov", options=ClipCovOptions(ratio=0.05, lb=-10.0, ub=10.0, seed=4))
+    keyword = make_method("clip-cov", ratio=0.05, lb=-10.0, ub=10.0, seed=4)
+    p1 = typed.prepare(adv, lp, lp, mask, 0.5, 0)
+    p2 = keyword.prepare(adv, lp, lp, mask, 0.5, 0)
+    assert p1.detach is not None and bool(p1.detach.any())
+    assert torch.equal(p1.detach, p2.detach)
+    # frozen, and every method's OPTIONS lists exactly its dataclass's fields and defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        typed.options.ratio = 0.5  # type: ignore[misc]
+    for cls in METHODS.values():
+        assert issubclass(cls.Options, MethodOptions)
+        assert cls.OPTIONS == {f.name: f.default for f in dataclasses.fields(cls.Options)}
+    assert METHODS["clip-higher"].OPTIONS["eps_high"] == 0.28
+    # the wrong options class, or both ways at once, are refused
+    with pytest.raises(TypeError, match="takes KLCovOptions"):
+        make_method("kl-cov", options=ClipCovOptions())
+    with pytest.raises(TypeError, match="not both"):
+        make_method("clip-cov", options=ClipCovOptions(), ratio=0.1)
+    # KL-Cov: eps given under verl_compat is an error; without it they default to 0.2
+    with pytest.raises(ValueError, match="eps_low"):
+        KLCovOptions(eps_low=0.1)
+    assert KLCovOptions(verl_compat=False).eps_low == 0.2
+    # the Entrocraft options carry the sampler's, validated at once
+    with pytest.raises(ValueError, match="unit"):
+        EntrocraftOptions(unit="batch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only one of"):
+        EntrocraftOptions(target=0.5, band="0.4..0.6")
+
+
+@pytest.mark.parametrize(("name", "options", "match"), [
+    ("clip-cov", {"ratio": 2.0}, "ratio"),
+    ("clip-cov", {"lb": 3.0, "ub": 1.0}, "lb <= ub"),
+    ("entropy-bonus", {"coef": "big"}, "coef must be a number"),
+    ("w-reinforce", {"weight": -1.0}, "weight"),
+    ("nsr", {"source": "logits"}, "source"),
+    ("vanilla", {"importance_ratio": "batch"}, "importance_ratio"),
+    ("vanilla", {"clip_ratio_c": 0.5}, "clip_ratio_c"),
+    ("vanilla", {"total_steps": 0}, "total_steps"),
+    ("entrocraft-predictive", {"step_offset": -1}, "step_offset"),
+    ("entrocraft-predictive", {"k_scale": 0.0}, "k_scale"),
+])
+def test_bad_options_name_the_method_and_the_option(name, options, match):
+    with pytest.raises((TypeError, ValueError), match=match) as info:
+        make_method(name, **options)
+    assert name in str(info.value)
+
+
+def test_sampler_options_typed_and_keyword_agree():
+    from entrotheory.rejection import EntropyRejectionSampler, SamplerOptions
+
+    opts = SamplerOptions(lr=0.1, k_scale=2.0, tolerance=0.01)
+    a = EntropyRejectionSampler("linear:1.0->0.5", mode="predictive", total_steps=10, options=opts)
+    b = EntropyRejectionSampler("linear:1.0->0.5", mode="predictive", total_steps=10, lr=0.1, k_scale=2.0,
+                                tolerance=0.01)
+    assert a.calibrator.k == pytest.approx(0.2) and b.calibrator.k == pytest.approx(0.2)
+    assert a.options == b.options
+    with pytest.raises(TypeError, match="unknown option"):
+        EntropyRejectionSampler("linear:1.0->0.5", total_steps=10, k_scael=2.0)
+    with pytest.raises(TypeError, match="fit_offset must be a bool"):
+        SamplerOptions(fit_offset=1)  # type: ignore[arg-type]
