@@ -154,6 +154,30 @@ class ToyPolicy:
 
         return lp_leaf, ht_leaf, backward
 
+    def _gradient_target(self, param: Tensor, name: str) -> tuple[Tensor, bool]:
+        """Where a block-wise backward writes ``param``'s gradient: ``(tensor, fresh)``.
+
+        With ``param.grad`` unset (the training loop clears it after every step), a buffer the policy keeps
+        between calls, which the new ``.grad`` then is (``fresh=True``: every element gets written): a fresh
+        tensor of tens of MB would cost a page fault per 4 KiB on its first writes, every step. With
+        ``param.grad`` set, a new tensor to add to it (``fresh=False``). A ``.grad`` kept past the next
+        backward of the policy must therefore be copied.
+        """
+        if param.grad is not None:
+            return torch.empty_like(param), False
+        buffers = self.__dict__.setdefault("_grad_buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype:
+            buf = buffers[name] = torch.empty_like(param)
+        return buf, True
+
+    @staticmethod
+    def _set_gradient(param: Tensor, grad: Tensor, fresh: bool) -> None:
+        if fresh:
+            param.grad = grad
+        else:
+            param.grad += grad
+
     def entropy(self, tokens: Tensor) -> Tensor:
         """Entropy of the state of every position, ``[S, P, n, T]`` float64, no gradient.
 
@@ -286,7 +310,8 @@ class TabularBanditPolicy(ToyPolicy):
                 return
             g_lp_rows = g_lp.reshape(-1, n) if g_lp is not None else None
             g_h_rows = g_h.reshape(-1) if g_h is not None else None
-            grad = torch.empty_like(z)
+            grad, fresh = self._gradient_target(self.logits, "logits")
+            grad_rows = grad.view(-1, self.vocab)
             for b in blocks:  # forward's graph, one block of rows at a time
                 zb = z[b].requires_grad_(True)
                 outs, grads = [], []
@@ -296,12 +321,8 @@ class TabularBanditPolicy(ToyPolicy):
                 if g_h_rows is not None:
                     outs.append(entropy(zb))
                     grads.append(g_h_rows[b])
-                (grad[b],) = torch.autograd.grad(outs, zb, grads)
-            grad = grad.reshape(self.logits.shape)
-            if self.logits.grad is None:
-                self.logits.grad = grad
-            else:
-                self.logits.grad += grad
+                (grad_rows[b],) = torch.autograd.grad(outs, zb, grads)
+            self._set_gradient(self.logits, grad, fresh)
 
         return lp_leaf, ht, backward
 
@@ -468,17 +489,25 @@ class TabularTokenPolicy(TokenPolicy):
 
     The exact setting of the per-position theory. Feasible while ``S * P * V^L`` is small
     (checked against ``max_elements``).
+
+    :meth:`entropy`, :meth:`forward_leaves` and :meth:`precondition_npg` work block by block of (seed, prompt)
+    rows of about ``chunk_elements`` logits (:func:`row_blocks`), with the same results as on the whole batch.
     """
 
     tabular = True
 
-    def __init__(self, table: Tensor, seq_len: int, max_elements: int = 50_000_000) -> None:
+    def __init__(
+        self, table: Tensor, seq_len: int, max_elements: int = 50_000_000, chunk_elements: int = CHUNK_ELEMENTS
+    ) -> None:
         s, p, n_prefixes, v = table.shape
         super().__init__(s, p, v, seq_len)
         if n_prefixes != self.n_prefixes:
             raise ValueError(f"table has {n_prefixes} prefixes, V={v}, L={seq_len} need {self.n_prefixes}")
         if table.numel() > max_elements:
             raise ValueError(f"tabular token policy with {table.numel()} logits exceeds {max_elements}")
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.chunk_elements = int(chunk_elements)
         self.table = table.detach().clone().to(torch.float32).requires_grad_(True)
         self._seed_idx = torch.arange(s).reshape(s, 1, 1, 1)
         self._prompt_idx = torch.arange(p).reshape(1, p, 1, 1)
@@ -497,7 +526,9 @@ class TabularTokenPolicy(TokenPolicy):
         return [self.table]
 
     def logits(self, tokens: Tensor) -> Tensor:
-        return self.param_logits((self.table,), tokens)
+        s, p, n, t = tokens.shape
+        rows = self.table.reshape(s * p, self.n_prefixes, self.vocab)
+        return self._rows_logits(rows, self.prefix_ids(tokens).reshape(s * p, n, t)).reshape(*tokens.shape, -1)
 
     def param_logits(self, params: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
         (table,) = params
@@ -509,12 +540,91 @@ class TabularTokenPolicy(TokenPolicy):
         for j in range(t):
             ids = ids * self.vocab + prefix[..., j]
         ids = ids + (self.vocab**t - 1) // (self.vocab - 1)
-        return self.table.detach()[self._seed_idx[..., 0], self._prompt_idx[..., 0], ids]
+        s, p, n = ids.shape
+        return self._rows_logits(self._table_rows(), ids.reshape(s * p, n, 1)).reshape(s, p, n, self.vocab)
+
+    # ------------------------------------------------------------------ block by block of (seed, prompt) rows
+    def _table_rows(self) -> Tensor:
+        """The table as ``[S * P, n_prefixes, V]`` (a view, no gradient)."""
+        return self.table.detach().reshape(-1, self.n_prefixes, self.vocab)
+
+    @staticmethod
+    def _rows_logits(table_rows: Tensor, ids: Tensor) -> Tensor:
+        """Logits ``[r, n, T, V]`` of the prefix ids ``[r, n, T]`` of ``r`` (seed, prompt) rows ``[r, n_prefixes, V]``
+        of the table: one ``index_select`` of the flattened rows (several times faster than advanced indexing;
+        its gradient accumulates the positions in the same order)."""
+        r, n_prefixes, v = table_rows.shape
+        offsets = TabularTokenPolicy._rows_offsets(ids, n_prefixes)
+        return table_rows.reshape(r * n_prefixes, v).index_select(0, offsets).reshape(*ids.shape, v)
+
+    @staticmethod
+    def _rows_offsets(ids: Tensor, n_prefixes: int) -> Tensor:
+        """Rows of the flattened ``[r * n_prefixes, V]`` table rows that :meth:`_rows_logits` reads."""
+        return (torch.arange(ids.shape[0]).reshape(-1, 1, 1) * n_prefixes + ids).reshape(-1)
+
+    def _position_blocks(self, tokens: Tensor) -> list[slice]:
+        n, t = tokens.shape[2], tokens.shape[3]
+        return row_blocks(self.n_seeds * self.n_prompts, n * t * self.vocab, self.chunk_elements)
+
+    @torch.no_grad()
+    def entropy(self, tokens: Tensor) -> Tensor:
+        s, p, n, t = tokens.shape
+        table, ids = self._table_rows(), self.prefix_ids(tokens).reshape(s * p, n, t)
+        out = torch.empty(s * p, n, t, dtype=torch.float64)
+        for b in self._position_blocks(tokens):
+            out[b] = entropy(self._rows_logits(table[b], ids[b]).double())
+        return out.reshape(tokens.shape)
+
+    def forward_leaves(
+        self, tokens: Tensor, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None, Callable[[], None]]:
+        s, p, n, t = tokens.shape
+        table, ids = self._table_rows(), self.prefix_ids(tokens).reshape(s * p, n, t)
+        blocks = self._position_blocks(tokens)
+        y = tokens.reshape(s * p, n, t, 1)
+        lp_leaf = torch.empty(tokens.shape)
+        h_leaf = torch.empty(tokens.shape) if with_entropy else None
+        with torch.no_grad():
+            lp_rows = lp_leaf.view(s * p, n, t)
+            for b in blocks:
+                z = self._rows_logits(table[b], ids[b])
+                lp_rows[b] = torch.log_softmax(z, -1).gather(-1, y[b]).squeeze(-1)
+                if h_leaf is not None:
+                    h_leaf.view(s * p, n, t)[b] = entropy(z)
+        lp_leaf.requires_grad_(True)
+        if h_leaf is not None:
+            h_leaf.requires_grad_(True)
+
+        def backward() -> None:
+            g_lp = lp_leaf.grad.reshape(s * p, n, t) if lp_leaf.grad is not None else None
+            g_h = h_leaf.grad.reshape(s * p, n, t) if h_leaf is not None and h_leaf.grad is not None else None
+            if g_lp is None and g_h is None:
+                return
+            grad, fresh = self._gradient_target(self.table, "table")
+            grad_rows = grad.view(-1, self.n_prefixes, self.vocab)
+            for b in blocks:  # forward's graph, one block of (seed, prompt) rows at a time
+                z = self._rows_logits(table[b], ids[b]).requires_grad_(True)
+                outs, grads = [], []
+                if g_lp is not None:
+                    outs.append(torch.log_softmax(z, -1).gather(-1, y[b]).squeeze(-1))
+                    grads.append(g_lp[b])
+                if g_h is not None:
+                    outs.append(entropy(z))
+                    grads.append(g_h[b])
+                (g_z,) = torch.autograd.grad(outs, z, grads)
+                # the gradient of _rows_logits' index_select: zeros, then index_add_ of the positions in order
+                rows = grad_rows[b].view(-1, self.vocab).zero_()
+                rows.index_add_(0, self._rows_offsets(ids[b], self.n_prefixes), g_z.reshape(-1, self.vocab))
+            self._set_gradient(self.table, grad, fresh)
+
+        return lp_leaf, h_leaf, backward
 
     @torch.no_grad()
     def precondition_npg(self) -> None:
         if self.table.grad is not None:
-            self.table.grad.div_(torch.softmax(self.table, -1))
+            table, grad = self._table_rows(), self.table.grad.view(-1, self.n_prefixes, self.vocab)
+            for b in row_blocks(table.shape[0], self.n_prefixes * self.vocab, self.chunk_elements):
+                grad[b].div_(torch.softmax(table[b], -1))
 
 
 class NeuralTokenPolicy(TokenPolicy):

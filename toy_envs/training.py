@@ -55,11 +55,16 @@ from entrotheory.param_space import StepPreconditioner, adam_preconditioner, sgd
 from .optim import SeedOptimizer
 from .policies import ToyPolicy
 
-__all__ = ["PREDICTORS", "TrainConfig", "TrainResult", "train", "seed_optimizer_preconditioner"]
+__all__ = ["PREDICTORS", "GROUP_LOCAL_ESTIMATORS", "TrainConfig", "TrainResult", "train", "seed_advantages",
+           "seed_optimizer_preconditioner"]
 
 #: where the first-order contributions come from: per-position logit space (docs/theory.md §3) or
 #: parameter space (§5)
 PREDICTORS = ("logit", "param")
+
+#: advantage estimators whose advantages of a group depend on that group's rewards alone, so that all seeds'
+#: groups go through one call (the others normalise over a seed's whole batch)
+GROUP_LOCAL_ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce", "raw")
 
 #: plan diagnostics recorded per step when the method reports them
 DIAGNOSTIC_KEYS = (
@@ -147,6 +152,35 @@ class TrainResult:
     def mean(self, key: str) -> np.ndarray:
         """Seed-mean curve ``[steps]`` of a history key."""
         return np.nanmean(self.history[key], axis=1)
+
+
+def seed_advantages(rewards: Tensor, estimator: str) -> tuple[Tensor, list[int]]:
+    """Advantages of every seed's ``[P, G]`` groups and each seed's number of zero-signal groups.
+
+    Parameters
+    ----------
+    rewards : ``[S, P, G]`` rewards, ``G`` samples of each of ``P`` prompts per seed.
+    estimator : :data:`entrotheory.advantages.ESTIMATORS` name.
+
+    Returns
+    -------
+    ``[S, P, G]`` advantages, equal to :func:`~entrotheory.advantages.compute_advantages` of each seed's
+    ``rewards[s]``, and per seed ``info["zero_signal_groups"]`` of that call (groups of ``G >= 2`` equal
+    rewards). For the :data:`GROUP_LOCAL_ESTIMATORS` one call on all ``S * P`` groups gives the same numbers.
+    """
+    if rewards.ndim != 3:
+        raise ValueError(f"rewards must be [S, P, G], got shape {tuple(rewards.shape)}")
+    s_, p_, g_ = rewards.shape
+    if estimator in GROUP_LOCAL_ESTIMATORS:
+        adv, _ = compute_advantages(rewards.reshape(s_ * p_, g_), estimator)
+        flat = (rewards == rewards[..., :1]).all(-1) if g_ >= 2 else torch.zeros(s_, p_, dtype=torch.bool)
+        return adv.reshape(s_, p_, g_), [int(n) for n in flat.sum(-1)]
+    adv_list, zero_sig = [], []
+    for s in range(s_):
+        a, info = compute_advantages(rewards[s], estimator)
+        adv_list.append(a)
+        zero_sig.append(int(info["zero_signal_groups"]))
+    return torch.stack(adv_list), zero_sig
 
 
 def _token_stats_for(policy: ToyPolicy, tokens: Tensor, prompt_entropy: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -248,12 +282,7 @@ def train(
                 rec(k, np.full(s_, np.nan))
         tokens = policy.sample(g_, gen)  # [S, P, G, T]
         rewards = task.reward(tokens, gen)  # [S, P, G]
-        adv_list, zero_sig = [], []
-        for s in range(s_):
-            a, info = compute_advantages(rewards[s], cfg.estimator)
-            adv_list.append(a)
-            zero_sig.append(info["zero_signal_groups"])
-        adv = torch.stack(adv_list)  # [S, P, G]
+        adv, zero_sig = seed_advantages(rewards, cfg.estimator)  # [S, P, G], [S]
         adv_tok = adv.unsqueeze(-1).expand(s_, p_, g_, t_).contiguous()
         if policy.prompt_states and prompt_h is None:
             prompt_h = policy.prompt_entropy()
@@ -283,13 +312,11 @@ def train(
             if old_lp is None:
                 old_lp = lp.detach()
             losses = []
-            for s in range(s_):
+            if methods is None:  # the plain PG loss of every seed at once: [S]
+                losses.append(-(adv_tok * lp).sum(dim=(1, 2, 3)) / n_tok * scale)
+            for s in range(s_ if methods is not None else 0):
                 lp_s = lp[s].reshape(b_, t_)
                 olp_s = old_lp[s].reshape(b_, t_)
-                if methods is None:
-                    adv_s = adv_tok[s].reshape(b_, t_)
-                    losses.append(-(adv_s * lp_s).sum() / n_tok * scale)
-                    continue
                 if update == 0:
                     plans[s] = methods[s].prepare(
                         advantages=adv_tok[s].reshape(b_, t_),
@@ -314,7 +341,7 @@ def train(
                 losses.append(masked_token_mean(loss_tok, mask, n_tok) * scale)
             if not losses:
                 break
-            torch.stack(losses).sum().backward()
+            torch.cat([loss.reshape(-1) for loss in losses]).sum().backward()
             policy_backward()
             # first-order prediction of this update, from the effective advantages it applied
             if cfg.predictor == "param":
