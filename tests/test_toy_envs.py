@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -129,3 +131,139 @@ def test_exact_sampling_metrics_hand_computed():
     assert m["pass@1"].item() == pytest.approx(0.75)
     assert m["pass@2"].item() == pytest.approx(1 - 0.25**2)
     assert m["distinct"].item() == pytest.approx((1 - 0.5**2) + (1 - 0.75**2))
+
+
+def test_row_blocks_cover_every_row_in_whole_simd_multiples():
+    from toy_envs.policies import row_blocks
+
+    for n_rows, row_len, chunk in [(1000, 100, 6400), (100, 1000, 65536), (7, 3, 1), (5, 1000, 10**6), (9, 24, 100)]:
+        blocks = row_blocks(n_rows, row_len, chunk)
+        assert [i for b in blocks for i in range(b.start, b.stop)] == list(range(n_rows))
+        if chunk >= n_rows * row_len:
+            assert len(blocks) == 1
+        for b in blocks[:-1]:  # every block but the last: whole multiples of 64 elements where it holds enough rows
+            rows = b.stop - b.start
+            assert (rows * row_len) % 64 == 0 or rows < 64 // math.gcd(row_len, 64)
+            assert rows * row_len <= max(chunk, row_len)
+    assert [b.stop - b.start for b in row_blocks(1000, 100, 6400)] == [64] * 15 + [40]
+    with pytest.raises(ValueError, match="chunk_elements"):
+        row_blocks(4, 4, 0)
+
+
+def _policy_of(kind: str):
+    if kind == "bandit":
+        policy, _ = make_bandit(BanditConfig(n_arms=40, n_prompts=6, n_seeds=3))
+    else:
+        policy, _ = make_token_env(TokenConfig(vocab=6, seq_len=3, n_prompts=5, n_seeds=3, policy=kind))
+    if hasattr(policy, "chunk_elements"):
+        policy.chunk_elements = 64  # several blocks
+    return policy
+
+
+@pytest.mark.parametrize("kind", ["bandit", "tabular", "neural"])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_forward_leaves_gives_forward_values_and_its_autograd_gradients_bit_for_bit(kind, with_entropy):
+    """The cut graph (loss -> lp, H leaves -> parameters, block by block) gives the very gradient of
+    back-propagating through forward(); with .grad already set it accumulates."""
+    policy = _policy_of(kind)
+    g = torch.Generator().manual_seed(3)
+    tokens = policy.sample(7, g)
+    w, u = torch.randn(tokens.shape, generator=g), torch.randn(tokens.shape, generator=g)
+
+    def loss(lp, ht):
+        out = (w * lp).sum() * 0.37
+        return out + (u * ht).sum() if ht is not None else out
+
+    lp, ht = policy.forward(tokens, with_entropy=with_entropy)
+    loss(lp, ht).backward()
+    ref = [p.grad.clone() for p in policy.parameters()]
+    for p in policy.parameters():
+        p.grad = None
+    lp2, ht2, backward = policy.forward_leaves(tokens, with_entropy=with_entropy)
+    assert torch.equal(lp2, lp.detach()) and lp2.requires_grad
+    assert (ht2 is None) == (not with_entropy)
+    if with_entropy:
+        assert torch.equal(ht2, ht.detach())
+    loss(lp2, ht2).backward()
+    backward()
+    for p, r in zip(policy.parameters(), ref):
+        assert torch.equal(p.grad, r)
+    lp3, ht3, backward = policy.forward_leaves(tokens, with_entropy=with_entropy)
+    loss(lp3, ht3).backward()
+    backward()
+    for p, r in zip(policy.parameters(), ref):
+        assert torch.equal(p.grad, r + r)
+
+
+@pytest.mark.parametrize("kind", ["bandit", "tabular"])
+def test_block_wise_statistics_equal_the_whole_batch(kind):
+    """entropy, contributions, bonus contributions and the npg preconditioning: one row per block = one block."""
+    policies = [_policy_of(kind) for _ in range(2)]
+    policies[0].chunk_elements, policies[1].chunk_elements = 1, 10**9
+    tokens = policies[0].sample(5, torch.Generator().manual_seed(4))
+    adv = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(5))
+    out = []
+    for policy in policies:
+        lp, _ = policy.forward(tokens)
+        (adv * lp).sum().backward()
+        policy.precondition_npg()
+        out.append([policy.entropy(tokens), policy.contributions(tokens, adv, "pg"),
+                    policy.contributions(tokens, adv, "npg"), policy.bonus_contributions(tokens, adv, "npg"),
+                    policy.parameters()[0].grad])
+    for a, b in zip(*out):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert out[0][0].dtype == torch.float64 and out[0][1].dtype == torch.float32
+
+
+def test_bandit_sampling_draws_what_multinomial_draws_on_the_whole_batch():
+    """Block-wise sampling is torch.multinomial of every row in order: the same arms, the generator left in the
+    same state, and (a check that fails for a wrong sampler) frequencies that match pi."""
+    policy, _ = make_bandit(BanditConfig(n_arms=50, n_prompts=16, n_seeds=3))
+    policy.chunk_elements = 100  # two rows per block
+    probs = torch.softmax(policy.logits.detach(), -1).reshape(-1, 50)
+    for n in (1, 8):
+        g_blocks, g_whole = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        arms = policy.sample(n, g_blocks)
+        assert arms.shape == (3, 16, n, 1)
+        assert torch.equal(arms.reshape(-1, n), torch.multinomial(probs, n, replacement=True, generator=g_whole))
+        assert torch.equal(g_blocks.get_state(), g_whole.get_state())
+    small, _ = make_bandit(BanditConfig(n_arms=5, n_prompts=2, n_seeds=1, n_correct=1, n_wrong=1))
+    small.chunk_elements = 5  # one row per block
+    n = 20000
+    arms = small.sample(n, torch.Generator().manual_seed(6))[..., 0]  # [1, 2, n]
+    freq = torch.nn.functional.one_hot(arms, 5).double().mean(2)
+    pi = small.probabilities().double()
+    sigma = (pi * (1 - pi) / n).sqrt()
+    assert bool(((freq - pi).abs() <= 5 * sigma + 1e-12).all()), (freq, pi)
+
+
+def test_bandit_evaluate_block_wise_equals_the_whole_batch_formula():
+    from toy_envs.envs import exact_sampling_metrics
+
+    for reward in ("correct-set", "bernoulli"):
+        policy, task = make_bandit(BanditConfig(n_arms=40, n_prompts=8, n_seeds=3, reward=reward))
+        policy.chunk_elements = 80
+        got = task.evaluate(policy, (1, 4), 16)
+        pi = torch.softmax(policy.logits.detach(), -1).double()
+        rate = task.correct.double() if task.success is None else task.success.double()
+        ref = exact_sampling_metrics((pi * rate).sum(-1), pi * task.correct.double(), (1, 4), 16)
+        assert set(got) == set(ref) == {"pass@1", "pass@4", "distinct"}
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+
+
+def test_sgd_in_place_blocks_equal_the_plain_update(monkeypatch):
+    import toy_envs.optim as optim
+
+    monkeypatch.setattr(optim, "SGD_BLOCK_ELEMENTS", 7)  # many blocks, a ragged last one
+    g = torch.Generator().manual_seed(0)
+    start, grad = torch.randn(3, 50, generator=g), torch.randn(3, 50, generator=g)
+    expected = start - 0.3 * grad
+    p = start.clone().requires_grad_(True)
+    p.grad = grad.clone()
+    SeedOptimizer([p], "sgd", lr=0.3).step()
+    assert torch.equal(p.detach(), expected)
+    q = start.clone().requires_grad_(True)
+    q.grad = grad.clone()
+    SeedOptimizer([q], "sgd", lr=0.3).step(torch.tensor([True, False, True]))
+    assert torch.equal(q.detach()[[0, 2]], expected[[0, 2]]) and torch.equal(q.detach()[1], start[1])

@@ -173,3 +173,53 @@ def test_validation_doc_quotes_the_neural_table_of_the_saved_run():
     assert neural_table(payload) in (root / "docs" / "validation.md").read_text()
     param = [r for r in payload["configs"] if r.get("predictor") == "param"]
     assert all(r["r2"] >= 0.99 for r in param if r["lr"] <= 1e-3), param
+
+
+@pytest.mark.parametrize("env,options", [
+    ("bandit", {"method": "entropy-bonus"}),
+    ("bandit", {"rule": "npg", "lr": 1e-3, "method": "clip-higher", "updates_per_batch": 2}),
+    ("bandit", {"optimizer": "adam", "lr": 0.05, "method": "entrocraft-predictive",
+                "method_options": {"schedule": "linear:2.2->1.4"}}),
+    ("bandit", {"predictor": "param", "method": "entropy-bonus"}),
+    ("token", {"method": "entropy-bonus"}),
+    ("token", {"rule": "npg", "lr": 1e-3, "updates_per_batch": 2}),
+])
+def test_block_wise_training_equals_whole_batch_training_bit_for_bit(env, options):
+    """Blocks of one (seed, prompt) row and a single block of the whole batch give the same run, number for
+    number: history, final metrics and parameters."""
+    runs = []
+    for chunk in (1, 10**9):
+        if env == "bandit":
+            policy, task = make_bandit(BanditConfig(n_arms=100, n_prompts=16, n_seeds=2), seed=1)
+        else:
+            policy, task = make_token_env(TokenConfig(vocab=8, seq_len=3, n_prompts=8, n_seeds=2), seed=1)
+        policy.chunk_elements = chunk
+        res = train(policy, task, TrainConfig(**({"steps": 4, "lr": 0.5, "eval_every": 2, "seed": 3} | options)))
+        runs.append((res, policy.parameters()[0].detach().clone()))
+    (a, pa), (b, pb) = runs
+    assert set(a.history) == set(b.history) and set(a.final) == set(b.final)
+    for k in a.history:
+        np.testing.assert_array_equal(a.history[k], b.history[k], err_msg=k)
+    for k in a.final:
+        np.testing.assert_array_equal(a.final[k], b.final[k], err_msg=k)
+    assert torch.equal(pa, pb)
+    assert not np.allclose(a.history["entropy"][0], a.history["entropy_after"][-1])  # it did train
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 8])
+def test_seed_advantages_equal_one_call_per_seed(group_size):
+    from entrotheory.advantages import ESTIMATORS, compute_advantages
+    from toy_envs.training import GROUP_LOCAL_ESTIMATORS, seed_advantages
+
+    assert set(GROUP_LOCAL_ESTIMATORS) < set(ESTIMATORS)
+    g = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(3, 40, group_size, generator=g) < 0.3).float() * 2 - 1
+    for estimator in ESTIMATORS:
+        adv, zero_signal = seed_advantages(rewards, estimator)
+        per_seed = [compute_advantages(rewards[s], estimator) for s in range(3)]
+        assert torch.equal(adv, torch.stack([a for a, _ in per_seed])), estimator
+        assert zero_signal == [info["zero_signal_groups"] for _, info in per_seed], estimator
+        if group_size > 1:
+            assert sum(zero_signal) > 0  # the flat groups are there to count
+    with pytest.raises(ValueError, match=r"\[S, P, G\]"):
+        seed_advantages(rewards[0], "grpo")
