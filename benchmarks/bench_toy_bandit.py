@@ -9,8 +9,9 @@ Two ways to train the same ``S = 8`` seeds, side by side in one pytest-benchmark
 Sizes: the bandit at ``K`` in {100, 1000} arms x ``P`` in {64, 1024} prompts (``K=100, P=64`` is the size
 the experiments run at), and the token environment (tabular ``V=8, L=3`` at the experiments' 32 prompts and
 a larger tabular ``V=16, L=3, P=256``; the neural policy at ``V=8, L=3, P=32``). All use G = 8, the plain
-policy-gradient loss, SGD and no per-step evaluation (pass@k is not part of a training step; the one
-evaluation after the last step is).
+policy-gradient loss, SGD and no per-step evaluation (pass@k is not part of a training step). A timed run is
+one ``train`` call of 3 steps on a fresh copy of the same initial environment, so its time per step includes a
+third of the call's setup and of the one evaluation after the last step.
 
 ``test_speedup_ratio[<size>]`` times both ways interleaved (best of 3) in the same process and records
 (``common.record_ratio``) the speed-up ``per-seed loop time / batched time`` (above 1: batching is faster),
