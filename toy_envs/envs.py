@@ -131,6 +131,10 @@ class BanditTask:
         (:func:`~toy_envs.policies.row_blocks`, the policy's ``chunk_elements``), as
         :func:`exact_sampling_metrics` of the whole ``[S, P, K]`` tensors would, row for row.
         """
+        if not isinstance(policy, TabularBanditPolicy):  # another class: its probabilities() [S, P, K] whole
+            pi = policy.probabilities().double()
+            q = self.correct.double() if self.success is None else self.success.double()
+            return exact_sampling_metrics((pi * q).sum(-1), pi * self.correct.double(), ks, n_eval)
         k = policy.vocab
         z = policy.logits.detach().reshape(-1, k)
         correct = self.correct.reshape(-1, k)
