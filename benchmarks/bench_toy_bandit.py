@@ -38,7 +38,8 @@ from toy_envs.training import TrainConfig, train
 GROUP = 8
 SEEDS = 2 if SMOKE else 8
 STEPS = 1 if SMOKE else 3
-ROUNDS = 1 if SMOKE else 3
+ROUNDS = 1 if SMOKE else 3  # interleaved rounds of test_speedup_ratio (best of)
+GROUP_ROUNDS = 1 if SMOKE else 5  # rounds of each pytest-benchmark group member (median)
 
 #: name -> (environment, size options); the bandit's K x P grid and the token environment
 SIZES: dict[str, tuple[str, dict]] = {
@@ -105,7 +106,7 @@ def _run_per_seed(policy, task, cfg) -> None:
 def test_vectorised(benchmark, size):
     benchmark.group = f"toy-{size}-G{GROUP}-S{SEEDS}"
     policy, task, cfg = _setup(size)
-    benchmark.pedantic(_run_vectorised, args=(policy, task, cfg), rounds=ROUNDS, iterations=1,
+    benchmark.pedantic(_run_vectorised, args=(policy, task, cfg), rounds=GROUP_ROUNDS, iterations=1,
                        warmup_rounds=0 if SMOKE else 1)
 
 
@@ -113,7 +114,7 @@ def test_vectorised(benchmark, size):
 def test_per_seed_loop_baseline(benchmark, size):
     benchmark.group = f"toy-{size}-G{GROUP}-S{SEEDS}"
     policy, task, cfg = _setup(size)
-    benchmark.pedantic(_run_per_seed, args=(policy, task, cfg), rounds=ROUNDS, iterations=1,
+    benchmark.pedantic(_run_per_seed, args=(policy, task, cfg), rounds=GROUP_ROUNDS, iterations=1,
                        warmup_rounds=0 if SMOKE else 1)
 
 
