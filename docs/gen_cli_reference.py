@@ -4,8 +4,9 @@
     python docs/gen_cli_reference.py --check   # exit 1 if docs/cli.md differs from what would be written
 
 Everything comes from the code: the flags and their help texts from ``llm.config.build_parser()`` (whose
-texts are the trailing comments of the ``TrainConfig`` fields), types and defaults from the dataclass,
-the sections from its ``# --- name`` comments, and the presets from ``llm.config.PRESETS``.
+texts are the ``metadata["help"]`` of the ``TrainConfig`` fields), types, choices and defaults from the
+dataclass, the sections from the ``metadata["section"]`` of the first field of each, and the presets from
+``llm.config.PRESETS``.
 ``tests/test_cli_reference.py`` fails when docs/cli.md is stale, so the page cannot drift from the code.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import re
 import sys
 import typing
@@ -23,28 +23,28 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from llm.config import PRESETS, TrainConfig, build_parser  # noqa: E402
+from llm.config import PRESETS, TrainConfig, build_parser, field_choices  # noqa: E402
 
 OUT = ROOT / "docs" / "cli.md"
 _DEFAULT_SUFFIX = re.compile(r"\s*\(default .*; presets may change it\)$")
 
 
 def _sections() -> dict[str, str]:
-    """Field name -> the ``# --- section`` comment above it in the TrainConfig source."""
+    """Field name -> the section it belongs to: the ``metadata["section"]`` of the nearest field at or above it."""
     section, found = "general", {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        header = re.match(r"\s+# ---\s*(.+?)\s*$", line)
-        if header:
-            section = header.group(1)
-            continue
-        field = re.match(r"\s+(\w+):\s*[^=]+=", line)
-        if field:
-            found[field.group(1)] = section
+    for f in dataclasses.fields(TrainConfig):
+        section = f.metadata.get("section", section)
+        found[f.name] = section
     return found
 
 
 def _type_name(field: dataclasses.Field) -> str:
+    choices = field_choices(field.name)
+    if choices is not None:
+        return " or ".join(", ".join(f"`{c}`" for c in choices).rsplit(", ", 1))
     t = typing.get_type_hints(TrainConfig)[field.name]
+    if typing.get_origin(t) is dict:
+        return "mapping"
     return {bool: "flag", int: "integer", float: "number", str: "text"}.get(t, getattr(t, "__name__", str(t)))
 
 

@@ -15,6 +15,7 @@ from .core import (
     predicted_entropy_change,
     second_order_entropy_change,
 )
+from .fit import LineFit, fit_measured_on_predicted
 from .methods import METHODS, MethodOptions, MethodPlan, make_method, masked_token_mean
 from .param_space import (
     ParamSpaceContributions,
@@ -69,4 +70,6 @@ __all__ = [
     "policy_loss_gradient",
     "EntropyStateEstimate",
     "batch_entropy_variance",
+    "LineFit",
+    "fit_measured_on_predicted",
 ]

@@ -9,7 +9,13 @@ import json
 import math
 from pathlib import Path
 
+from entrotheory import fit_measured_on_predicted
+
 __all__ = ["plot_runs", "main"]
+
+DEFAULT_DPI = 80  # PNG resolution: a 10 x 7 inch figure of 800 x 560 pixels, small enough to commit
+ACCURACY_WINDOW = 5  # train accuracy is shown as the running mean over this many steps ...
+ACCURACY_SMOOTH_FROM = 15  # ... once a run has at least this many steps (shorter runs: the raw values)
 
 
 def _num(v: object) -> bool:
@@ -28,18 +34,8 @@ def _pairs(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p for p, _ in pts], [m for _, m in pts]
 
 
-def _corr(xs: list[float], ys: list[float]) -> float:
-    n = len(xs)
-    if n < 3:
-        return float("nan")
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
-def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str | None = None, dpi: int = 80) -> Path:
+def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str | None = None,
+              dpi: int = DEFAULT_DPI) -> Path:
     """A 2 x 2 figure for one or more runs (``{label: metrics rows}``), written to ``path`` (PNG).
 
     Panels: token entropy with the target band; measured vs per-position (logit-space) predicted change;
@@ -71,10 +67,11 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str | None =
         for ax, key in ((ax_p, "predicted_entropy_change"), (ax_e, "exact_predicted_entropy_change")):
             px, my = _pairs(rows, key)
             if px:
-                ax.scatter(px, my, s=12, color=color, alpha=0.7, label=f"{label} (r = {_corr(px, my):.2f})")
+                r = fit_measured_on_predicted(px, my).correlation
+                ax.scatter(px, my, s=12, color=color, alpha=0.7, label=f"{label} (r = {r:.2f})")
         xr, acc = _series(rows, "accuracy")
         if acc:
-            w = 5 if len(acc) >= 15 else 1
+            w = ACCURACY_WINDOW if len(acc) >= ACCURACY_SMOOTH_FROM else 1
             smooth = [sum(acc[max(0, i - w + 1):i + 1]) / len(acc[max(0, i - w + 1):i + 1]) for i in range(len(acc))]
             ax_r.plot(xr, smooth, color=color, lw=1.0, label=f"{label}: train accuracy (mean of {w})")
         k = next((int(r["pass_k"]) for r in rows if _num(r.get("pass_k"))), 0)
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="*", default=None)
     parser.add_argument("--out", default="figure.png")
     parser.add_argument("--title", default=None)
-    parser.add_argument("--dpi", type=int, default=80)
+    parser.add_argument("--dpi", type=int, default=DEFAULT_DPI)
     args = parser.parse_args(argv)
     runs = {}
     for i, d in enumerate(args.runs):

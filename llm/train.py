@@ -7,16 +7,17 @@
 
 One step (reads top to bottom in :meth:`Trainer.train_step`):
 
-1. sample ``G`` responses for each of ``P`` prompts (KV-cached, the prompt run once per group),
-   collecting per-token statistics (log-prob, entropy, pg baseline) from the sampling logits;
-2. rewards -> advantages (``entrotheory.advantages``) -> per-token contributions to the entropy
-   change (``entrotheory.token_entropy_contributions``) -> ``method.prepare`` over the WHOLE batch
-   (rejection sampling, covariance selections, ...);
-3. ``ppo_epochs`` optimiser steps, each accumulating the method's token loss over micro-batches,
-   normalised by the token count of the whole batch;
-4. theory against practice: the predicted change (per-position, logit space, ``lr * mean c_t``),
-   the measured change (entropy of the updated policy on the same contexts, one no-grad forward),
-   fed back to the method (``method.observe``) for calibration.
+1. sample: ``G`` responses for each of ``P`` prompts (KV-cached, the prompt run once per group),
+   collecting per-token statistics (log-prob, entropy, pg baseline) from the sampling logits; rewards ->
+   advantages (``entrotheory.advantages``);
+2. plan: per-token contributions to the entropy change (``entrotheory.token_entropy_contributions``, or
+   the parameter-space ones of ``--predictor param``) -> ``method.prepare`` over the WHOLE batch
+   (rejection sampling, covariance selections, ...) and the predicted change;
+3. update: ``ppo_epochs`` x ``mini_batches`` optimiser steps, each accumulating the method's token loss
+   over micro-batches, normalised by the token count of its mini-batch;
+4. measure: the entropy of the updated policy on the same contexts (one no-grad forward), fed back to
+   the method (``method.observe``) for calibration;
+5. metrics: the step's row of ``metrics.jsonl`` (llm/metrics.py).
 
 Metrics go to ``metrics.jsonl`` (one line per step), checkpoints to ``checkpoint/`` (safetensors
 weights, optimizer, scheduler, method/sampler state, RNG), the figure to ``figure.png``.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
+import itertools
 import math
 import os
 import random
@@ -36,7 +37,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +50,7 @@ from entrotheory import (
     token_mean_entropy_change,
 )
 from entrotheory import entropy as policy_entropy
-from entrotheory.advantages import ESTIMATORS, compute_advantages
+from entrotheory.advantages import compute_advantages
 from entrotheory.core import all_finite
 from entrotheory.methods import METHODS, MethodPlan, make_method, masked_token_mean, ppo_clipped
 from entrotheory.param_space import (
@@ -60,14 +62,35 @@ from entrotheory.param_space import (
 )
 from entrotheory.state_estimate import EntropyStateEstimate, batch_entropy_variance
 
-from .config import TrainConfig, build_parser, config_from_args, method_options, save_yaml
+from .config import TrainConfig, build_parser, config_from_args, save_yaml
 from .distributed import DistContext, init_distributed, local_tensor, shard_model, shutdown, unsharded
 from .errors import UserError
+from .metrics import MetricsLog, read_rows, summarize, write_summary
 from .models import load_model_and_tokenizer
 from .rollout import Rollout, encode_prompts, generate, pad_rollout, response_log_probs, response_logits
 from .tasks import Problem, make_task, pass_at_k
 
-__all__ = ["Trainer", "main", "derive_seed", "summarize"]
+__all__ = ["Trainer", "main", "derive_seed", "summarize", "RewardFn"]
+
+RewardFn = Callable[[Rollout], torch.Tensor]  # this rank's rollout -> rewards [P_local, G] (replaces the task's)
+
+# the rejection sampler's names for its calibration (entrotheory/rejection.py), mapped to the llm's here only:
+# it learns the step size k (nats per unit of the contributions' convention) from k_init = k_scale * lr, so
+# that the calibration factor k / lr starts at --calibration-factor; its diagnostics are logged renamed
+SAMPLER_CALIBRATION_FACTOR = "k_scale"
+SAMPLER_STEP_BOUNDS = ("k_min", "k_max")
+SAMPLER_DIAGNOSTICS = {"k": "calibration_k", "predicted_change": "calibrated_predicted_change"}
+# the method diagnostics copied into the step's metrics (under the names of SAMPLER_DIAGNOSTICS)
+PLAN_DIAGNOSTICS = ("target_entropy", "lower", "upper", "regime", "k", "predicted_change", "entropy_coef", "alpha",
+                    "num_detached", "num_candidates", "num_kl_tokens")
+# --predictor param predicts absolute nats (measured / predicted ~ 1): the calibration factor starts at 1 and
+# may correct it within this factor either way (the drift, not the samples, dominates some steps' change: an
+# unbounded fit would read its errors as a wrong step size)
+PARAM_CALIBRATION_RANGE = 3.0
+# the accepted fraction that scales AdamW's reference gradient of the next step's parameter-space prediction
+# is kept above this floor (a step that rejects everything must not zero it)
+MIN_ACCEPTED_FRACTION = 1e-3
+MAX_TASK_WARNINGS = 20  # dataset warnings printed at start (the rest are counted in the task, not shown)
 
 
 def derive_seed(*parts: object) -> int:
@@ -99,11 +122,8 @@ def resolve_device(spec: str, dist: DistContext | None = None) -> torch.device:
 
 
 def build_method(cfg: TrainConfig, verbose: bool = True):
-    """``make_method`` with the run's schedule, horizon, rule, learning rate and ``method_options``."""
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(METHODS)}")
-    if cfg.estimator not in ESTIMATORS:
-        raise UserError(f"unknown estimator {cfg.estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    """``make_method`` with the run's schedule, horizon, rule, learning rate, calibration factor and
+    ``method_options`` (the config has checked the method's and the estimator's names)."""
     opts: dict[str, object] = {"total_steps": cfg.steps, "rule": cfg.rule, "lr": cfg.lr}
     accepts_schedule = "schedule" in METHODS[cfg.method].OPTIONS
     if cfg.schedule:
@@ -111,14 +131,8 @@ def build_method(cfg: TrainConfig, verbose: bool = True):
             raise UserError(f"method {cfg.method!r} takes no --schedule (got {cfg.schedule!r}); methods that do: "
                             + ", ".join(n for n, c in METHODS.items() if "schedule" in c.OPTIONS))
         opts["schedule"] = cfg.schedule
-    if "k_scale" in METHODS[cfg.method].OPTIONS:
-        if cfg.predictor == "param":  # absolute nats per unit lr: measured / predicted ~ 1; calibration may
-            # correct it within a factor 3 (the drift, not the samples, dominates some steps' change: an
-            # unbounded fit would read its errors as a wrong step size)
-            opts.update(k_scale=1.0, k_min=cfg.lr / 3, k_max=3 * cfg.lr)
-        elif cfg.calibration_prior > 0:
-            opts["k_scale"] = cfg.calibration_prior
-    opts.update(method_options(cfg))
+    opts.update(_calibration_options(cfg))
+    opts.update(cfg.method_options)
     if verbose and cfg.method == "kl-cov" and cfg.ppo_epochs == 1:
         print("warning: kl-cov's penalty |log pi - log pi_old| has zero gradient on the first, on-policy epoch; "
               "with --ppo-epochs 1 it changes nothing but the clipping (use --ppo-epochs 2 or more)", file=sys.stderr)
@@ -127,6 +141,19 @@ def build_method(cfg: TrainConfig, verbose: bool = True):
     except (TypeError, ValueError) as exc:
         what = f"--schedule {cfg.schedule!r}" if cfg.schedule else f"--method {cfg.method!r}"
         raise UserError(f"{what}: {exc}") from None
+
+
+def _calibration_options(cfg: TrainConfig) -> dict[str, float]:
+    """The sampler's calibration options for ``cfg`` (none for methods without a calibration)."""
+    if SAMPLER_CALIBRATION_FACTOR not in METHODS[cfg.method].OPTIONS:
+        return {}
+    if cfg.predictor == "param":
+        low, high = SAMPLER_STEP_BOUNDS
+        return {SAMPLER_CALIBRATION_FACTOR: 1.0, low: cfg.lr / PARAM_CALIBRATION_RANGE,
+                high: PARAM_CALIBRATION_RANGE * cfg.lr}
+    if cfg.calibration_factor > 0:
+        return {SAMPLER_CALIBRATION_FACTOR: cfg.calibration_factor}
+    return {}
 
 
 class _StopFlag:
@@ -186,42 +213,6 @@ class _ResponseForward(torch.nn.Module):
         return response_logits(self.model, prompt_ids, prompt_mask, prompt_index, tokens, share_prefix)
 
 
-@dataclass
-class ParamDirection:
-    """What the parameter-space predictor knows before the update (docs/theory.md §5): ``directional``
-    ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step, ``drift``
-    the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), and the
-    entropy gradient (reused for the exact first-order term after the update)."""
-
-    directional: torch.Tensor
-    drift: float
-    first_order: FirstOrder
-
-
-@dataclass
-class Batch:
-    """One step's samples. The token tensors are GLOBAL (``[B, T]`` over all ranks, identical on each);
-    ``prompt_ids``/``prompt_mask``/``roll`` are this rank's, padded to the global ``T``; ``rows`` are this
-    rank's rows of the global batch."""
-
-    problems: list[Problem]
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    roll: Rollout
-    rows: slice
-    mask: torch.Tensor
-    stats: TokenEntropyStats
-    correct: torch.Tensor
-    answer_keys: list[str]
-    mini_batch: torch.Tensor
-    mini_batch_tokens: list[float]
-    param: ParamDirection | None = None
-
-    @property
-    def local_mask(self) -> torch.Tensor:
-        return self.mask[self.rows]
-
-
 class FirstOrder:
     """The exact first-order change ``<dH/dtheta, theta_after - theta_before>`` of the batch's token-mean
     entropy (parameter space, known after the update; docs/theory.md): the entropy gradient accumulated
@@ -229,8 +220,12 @@ class FirstOrder:
 
     Replicated weights (one process, DDP): ``torch.autograd.grad`` per micro-batch, then an all-reduce.
     Sharded weights (FSDP): FSDP hands gradients only to ``.grad``, so the entropy is back-propagated on
-    its own before the update (:meth:`Trainer._record_before`) and each rank keeps the reduced gradient
-    of its shard; the inner product is summed over the shards."""
+    its own before the update (:meth:`Trainer._record_before`), from empty ``.grad`` (cleared here when the
+    object is made and again once the gradient is taken), and each rank keeps the reduced gradient of its
+    shard; the inner product is summed over the shards.
+
+    Use: :meth:`accumulate` per micro-batch, :meth:`reduce` once (later calls do nothing), and after the
+    optimiser step :meth:`predicted` (needs ``keep_start``)."""
 
     def __init__(self, params: list[torch.nn.Parameter], sharded: bool, loss_scale: float = 1.0,
                  keep_start: bool = True) -> None:
@@ -240,6 +235,12 @@ class FirstOrder:
         self.theta0 = [local_tensor(p.detach()).clone() for p in params] if keep_start else None
         self.grad = [torch.zeros_like(local_tensor(p.detach())) for p in params]
         self.ready = False  # the gradient is complete (reduced over micro-batches and ranks)
+        if sharded:
+            self._clear_param_grads()
+
+    def _clear_param_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
 
     def accumulate(self, h_part: torch.Tensor) -> None:
         """Add the gradient of this micro-batch's share ``sum_t H_t / N`` of the token-mean entropy."""
@@ -261,13 +262,63 @@ class FirstOrder:
             for acc, p in zip(self.grad, self.params):
                 if p.grad is not None:
                     acc.copy_(local_tensor(p.grad))
+            self._clear_param_grads()
         else:
             dist.sum_tensors_(self.grad)
 
     def predicted(self, dist: DistContext) -> float:
+        """``<dH/dtheta, theta_now - theta_before>`` (nats), summed over the shards."""
+        if self.theta0 is None:
+            raise RuntimeError("FirstOrder(keep_start=False) has no start weights to measure a step from")
         local = float(sum((g * (local_tensor(p.detach()) - p0)).sum()
                           for g, p, p0 in zip(self.grad, self.params, self.theta0)))
         return dist.sum(local)[0] if self.sharded else local
+
+
+@dataclass
+class ParamDirection:
+    """What the parameter-space predictor knows before the update (docs/theory.md §5): ``directional``
+    ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step, ``drift``
+    the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), and the
+    entropy gradient (reused for the exact first-order term after the update)."""
+
+    directional: torch.Tensor
+    drift: float
+    first_order: FirstOrder
+
+
+@dataclass
+class Batch:
+    """One step's samples. The token tensors are GLOBAL (``[B, T]`` over all ranks, identical on each);
+    ``prompt_ids``/``prompt_mask``/``roll`` are this rank's, padded to the global ``T``; ``rows`` are this
+    rank's rows of the global batch. ``rewards`` ``[P, G]`` (CPU) and ``advantages`` ``[B, T]`` (0 off the
+    mask) are global too; ``mini_batch`` ``[B]`` is each row's mini-batch and ``mini_batch_tokens`` the token
+    count of each over all ranks."""
+
+    problems: list[Problem]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    roll: Rollout
+    rows: slice
+    mask: torch.Tensor
+    stats: TokenEntropyStats
+    correct: torch.Tensor
+    answer_keys: list[str]
+    mini_batch: torch.Tensor
+    mini_batch_tokens: list[float]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    advantage_info: dict
+    param: ParamDirection | None = None
+
+    @property
+    def local_mask(self) -> torch.Tensor:
+        return self.mask[self.rows]
+
+    @property
+    def n_tokens(self) -> int:
+        """Response tokens of the whole batch (the loss normaliser ``N``)."""
+        return int(self.mask.sum())
 
 
 @dataclass
@@ -293,15 +344,75 @@ class _Before:
             self.first_order.accumulate(masked_token_mean(token_entropy, mask, n_tok))
 
 
+@dataclass
+class _Planned:
+    """Phase 2's outcome: the method's plan, the entropy the batch showed (``entropy``, nats), the learning
+    rate of this step, the controller's extra state (entropy estimate, known drift) and the predicted change
+    of the token-mean entropy (``predicted``: the predictor the sampler selected on; ``predicted_logit``: the
+    per-position one beside the parameter-space predictor)."""
+
+    plan: MethodPlan
+    entropy: float
+    lr: float
+    control: dict[str, float]
+    predicted: float
+    predicted_logit: float | None
+
+
+@dataclass
+class _UpdateTotals:
+    """Means over one step's ``steps`` optimiser steps, accumulated micro-batch by micro-batch."""
+
+    steps: int
+    loss: float = 0.0
+    clipped: float = 0.0
+    kl_ref: float = 0.0
+    grad_norm: float = 0.0
+
+
+@dataclass
+class _Updated:
+    """Phase 3's outcome: the pre-update policy, whether every loss and gradient was finite, and the update's
+    metrics (loss, clip fraction, gradient norm, KL to the reference, exact first-order change)."""
+
+    before: _Before
+    finite: bool
+    metrics: dict[str, float]
+
+
+@dataclass
+class _PhaseClock:
+    """Wall-clock seconds of a step's phases (``time_<phase>``) and of the whole step."""
+
+    start: float = field(default_factory=time.perf_counter)
+    laps: dict[str, float] = field(default_factory=dict)
+
+    def time(self, phase: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.laps[f"time_{phase}"] = time.perf_counter() - t0
+        return out
+
+    def stamp(self, row: dict, rows: int) -> dict:
+        """``row`` with the phase times, ``time_step`` and ``tokens_per_s`` (``rows`` responses)."""
+        elapsed = time.perf_counter() - self.start
+        row.update(self.laps, time_step=elapsed, tokens_per_s=float(row["response_length"]) * rows / elapsed)
+        return row
+
+
 class Trainer:
     """Holds the model, optimiser, method and task of one run; :meth:`train_step` is one GRPO step.
 
-    ``dist`` places the process in a ``torchrun`` job (default: a single process)."""
+    ``dist`` places the process in a ``torchrun`` job (default: a single process). ``reward_fn(rollout) ->
+    [P_local, G]``, when given, replaces the task's rewards of this rank's prompts (tests build steps that must
+    raise or lower entropy this way); it is the attribute :attr:`reward_fn`."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistContext | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistContext | None = None,
+                 reward_fn: RewardFn | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.dist = dist or DistContext()
+        self.reward_fn = reward_fn
         if cfg.prompts_per_step % (self.dist.world * cfg.mini_batches):
             raise UserError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of processes "
                             f"{self.dist.world} x mini_batches {cfg.mini_batches} (whole groups stay on one rank "
@@ -316,7 +427,7 @@ class Trainer:
             self.model.set_attn_implementation("eager")  # fused attention kernels have no forward-mode AD
         self.task = make_task(cfg, self.tokenizer)
         if self.dist.is_main:
-            for w in getattr(self.task, "warnings", [])[:20]:
+            for w in getattr(self.task, "warnings", [])[:MAX_TASK_WARNINGS]:
                 print(f"warning: {w}", file=sys.stderr)
         self.ref_model = None
         if cfg.kl_coef > 0:
@@ -343,10 +454,8 @@ class Trainer:
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                                weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "sgd":
+        else:  # sgd (the config allows no other)
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            raise UserError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -464,50 +573,69 @@ class Trainer:
                 "time_eval": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ one GRPO step
-    def train_step(self, step: int, rewards_override=None) -> dict[str, float | str]:
-        """One GRPO step: sample -> plan -> update -> measure; returns its metrics.
-
-        ``rewards_override(rollout) -> [P, G]`` replaces the task's rewards of this rank's prompts (tests
-        build steps that must raise or lower entropy this way)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(cfg.seed, "torch", step))  # any randomness inside the method
-        batch = self._sample(step)
-        t_gen = time.perf_counter() - t0
-        rewards, adv, adv_info = self._advantages(batch, rewards_override)
-        if cfg.predictor == "param":
-            batch.param = self._param_directional(batch, adv)
-        t_param = time.perf_counter() - t0 - t_gen
-        plan, row = self._plan(step, batch, rewards, adv, adv_info)
-        row["time_generate"] = t_gen
-        if cfg.predictor == "param":
-            row["time_predictor"] = t_param
-        if plan.skip:
-            row.update(skipped="all_rejected" if plan.diagnostics.get("all_rejected") else "no_signal",
-                       measured_entropy_change=0.0, predicted_entropy_change=0.0)
-            self._scheduler_step()
-            self._advance_estimate(0.0)
-            return self._timed(row, t0)
-        t1 = time.perf_counter()
-        before, nan = self._update(batch, plan, row)
-        row["time_update"] = time.perf_counter() - t1
-        if nan:
-            self.nan_streak += 1
-            row.update(skipped="nan_loss", measured_entropy_change=0.0, nan_streak=self.nan_streak)
-            self._advance_estimate(0.0)
-            return self._timed(row, t0)
-        self.nan_streak = 0
-        if cfg.measure_entropy_change:
-            t2 = time.perf_counter()
-            self._measure(batch, before, row)
-            row["time_measure"] = time.perf_counter() - t2
+    def train_step(self, step: int) -> dict[str, float | str]:
+        """One GRPO step: sample -> plan -> update -> measure -> metrics; returns the step's metrics row."""
+        clock = _PhaseClock()
+        torch.manual_seed(derive_seed(self.cfg.seed, "torch", step))  # any randomness inside the method
+        batch = clock.time("generate", self._sample, step)
+        if self.cfg.predictor == "param":
+            batch.param = clock.time("predictor", self._param_directional, batch)
+        planned = self._plan(step, batch)
+        updated = None if planned.plan.skip else clock.time("update", self._update, batch, planned.plan)
+        self._scheduler_step()  # one learning-rate step per training step, skipped or not
+        if updated is not None:
+            self.nan_streak = 0 if updated.finite else self.nan_streak + 1
+        measured = None
+        if updated is not None and updated.finite and self.cfg.measure_entropy_change:
+            measured = clock.time("measure", self._measure, batch, updated.before)
+        row = self._metrics(step, batch, planned, updated, measured)
         self._advance_estimate(float(row.get("measured_entropy_change", row["predicted_entropy_change"])))
-        return self._timed(row, t0)
+        return clock.stamp(row, self.cfg.prompts_per_step * self.cfg.samples_per_prompt)
 
-    def _advance_estimate(self, change: float) -> None:
-        """Process step of the entropy estimate: the policy moved by the last update's change."""
-        if self.estimate is not None and self.estimate.initialised:
-            self.estimate.predict(change, self.cfg.estimate_process_std ** 2)
+    # ---------------------------------------------------------- 1. sample
+    def _sample(self, step: int) -> Batch:
+        """This rank's prompts sampled, scored, padded to the global length and gathered; rewards and
+        advantages of the whole batch."""
+        cfg, d = self.cfg, self.dist
+        problems = self.task.train_batch(cfg.prompts_per_step, random.Random(derive_seed(cfg.seed, "data", step)))
+        local = cfg.prompts_per_step // d.world
+        first = d.rank * local
+        mine = problems[first:first + local]
+        G = cfg.samples_per_prompt
+        try:
+            with self._full_weights():
+                prompt_ids, prompt_mask, roll = self._rollout(mine, G, cfg.temperature,
+                                                              self._generators("gen", step, first, local))
+        except (ValueError, RuntimeError) as exc:  # NaN/inf logits while sampling: the weights are broken
+            raise UserError(f"step {step}: sampling failed, the model produced invalid logits ({exc}); "
+                            f"resume from an earlier checkpoint with a lower --lr (now {cfg.lr})") from None
+        roll = pad_rollout(roll, int(d.max(roll.tokens.shape[1])), self.tokenizer.pad_token_id)
+        correct = torch.tensor([self.task.score(mine[i // G], text) for i, text in enumerate(roll.texts)])
+        keys = [self.task.answer_key(t) for t in roll.texts]
+        st = roll.stats
+        mask, log_prob, ent, base = (d.gather_rows(t) for t in (roll.mask, st.log_prob, st.entropy, st.pg_baseline))
+        keys_all = [k for part in d.gather_objects(keys) for k in part]
+        rows = slice(first * G, (first + local) * G)
+        # mini-batch of each global row: its prompt's global index modulo mini_batches (so the split does not
+        # depend on the number of processes), and the token count of each mini-batch over all ranks
+        minib = (torch.arange(mask.shape[0], device=self.device) // G) % cfg.mini_batches
+        n_mb = [float(mask[minib == m].sum()) for m in range(cfg.mini_batches)]
+        correct = d.gather_rows(correct.to(self.device)).cpu()
+        rewards = self._rewards(correct, roll)
+        adv, adv_info = compute_advantages(rewards, cfg.estimator)
+        adv_tok = torch.where(mask, adv.reshape(-1, 1).to(self.device).expand_as(mask), 0.0)
+        return Batch(problems, prompt_ids, prompt_mask, roll, rows, mask, TokenEntropyStats(log_prob, ent, base, mask),
+                     correct, keys_all, minib, n_mb, rewards, adv_tok, adv_info)
+
+    def _rewards(self, correct: torch.Tensor, roll: Rollout) -> torch.Tensor:
+        """Rewards ``[P, G]`` of the whole batch: the task's (``correct`` ``[B]``, global), or
+        :attr:`reward_fn` of this rank's rollout gathered over ranks."""
+        cfg = self.cfg
+        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
+        if self.reward_fn is None:
+            return torch.where(correct, cfg.reward_correct, cfg.reward_wrong).reshape(P, G).float()
+        mine = self.reward_fn(roll).reshape(-1).float().to(self.device)
+        return self.dist.gather_rows(mine).cpu().reshape(P, G)
 
     def _functional_logits(self, params: tuple[torch.Tensor, ...], batch: Batch, rows: torch.Tensor) -> torch.Tensor:
         """Logits / temperature of this rank's ``rows`` with the weights ``params`` (``torch.func``)."""
@@ -520,7 +648,7 @@ class Trainer:
                  self.cfg.share_prompt_prefix))
         return logits.float() / self.cfg.temperature
 
-    def _param_directional(self, batch: Batch, adv_tok: torch.Tensor) -> ParamDirection:
+    def _param_directional(self, batch: Batch) -> ParamDirection:
         """Parameter-space per-token contributions before the update (docs/theory.md §5).
 
         One forward of this rank's rows and two backward passes from it give ``grad Hbar`` (the batch's
@@ -536,7 +664,7 @@ class Trainer:
         local_mask = batch.local_mask
         B, T = local_mask.shape
         m_total = float(batch.mask.sum())
-        adv = adv_tok[batch.rows]
+        adv = batch.advantages[batch.rows]
         norm = torch.tensor(batch.mini_batch_tokens, device=self.device)[batch.mini_batch[batch.rows]].unsqueeze(-1)
         first_order = FirstOrder(self.params, sharded=False)
         loss_grad = FirstOrder(self.params, sharded=False, keep_start=False)
@@ -569,80 +697,16 @@ class Trainer:
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
         return ParamDirection(d.gather_rows(s), drift, first_order)
 
-    def _timed(self, row: dict, t0: float) -> dict:
-        elapsed = time.perf_counter() - t0
-        row.update(time_step=elapsed, tokens_per_s=float(row["response_length"]) * self.cfg.prompts_per_step
-                   * self.cfg.samples_per_prompt / elapsed)
-        return row
-
-    def _sample(self, step: int) -> Batch:
-        """Phase 1: this rank's prompts sampled, scored, padded to the global length and gathered."""
-        cfg, d = self.cfg, self.dist
-        problems = self.task.train_batch(cfg.prompts_per_step, random.Random(derive_seed(cfg.seed, "data", step)))
-        local = cfg.prompts_per_step // d.world
-        first = d.rank * local
-        mine = problems[first:first + local]
-        G = cfg.samples_per_prompt
-        try:
-            with self._full_weights():
-                prompt_ids, prompt_mask, roll = self._rollout(mine, G, cfg.temperature,
-                                                              self._generators("gen", step, first, local))
-        except (ValueError, RuntimeError) as exc:  # NaN/inf logits while sampling: the weights are broken
-            raise UserError(f"step {step}: sampling failed, the model produced invalid logits ({exc}); "
-                            f"resume from an earlier checkpoint with a lower --lr (now {cfg.lr})") from None
-        roll = pad_rollout(roll, int(d.max(roll.tokens.shape[1])), self.tokenizer.pad_token_id)
-        correct = torch.tensor([self.task.score(mine[i // G], text) for i, text in enumerate(roll.texts)])
-        keys = [self.task.answer_key(t) for t in roll.texts]
-        st = roll.stats
-        mask, log_prob, ent, base = (d.gather_rows(t) for t in (roll.mask, st.log_prob, st.entropy, st.pg_baseline))
-        keys_all = [k for part in d.gather_objects(keys) for k in part]
-        rows = slice(first * G, (first + local) * G)
-        # mini-batch of each global row: its prompt's global index modulo mini_batches (so the split does not
-        # depend on the number of processes), and the token count of each mini-batch over all ranks
-        minib = (torch.arange(mask.shape[0], device=self.device) // G) % cfg.mini_batches
-        n_mb = [float(mask[minib == m].sum()) for m in range(cfg.mini_batches)]
-        return Batch(problems, prompt_ids, prompt_mask, roll, rows, mask, TokenEntropyStats(log_prob, ent, base, mask),
-                     d.gather_rows(correct.to(self.device)).cpu(), keys_all, minib, n_mb)
-
-    def _advantages(self, batch: Batch, rewards_override) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Rewards ``[P, G]`` -> per-token advantages ``[B, T]`` of the GLOBAL batch (identical on every rank)."""
+    # ---------------------------------------------------------- 2. plan
+    def _plan(self, step: int, batch: Batch) -> _Planned:
+        """On the GLOBAL batch (identical on every rank): per-token contributions -> the method's plan, and the
+        predicted change of the token-mean entropy for the advantages the plan trains on."""
         cfg = self.cfg
-        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
-        rewards = torch.where(batch.correct, cfg.reward_correct, cfg.reward_wrong).reshape(P, G).float()
-        if rewards_override is not None:
-            mine = rewards_override(batch.roll).reshape(-1).float().to(self.device)
-            rewards = self.dist.gather_rows(mine).cpu().reshape(P, G)
-        adv, adv_info = compute_advantages(rewards, cfg.estimator)
-        adv_tok = torch.where(batch.mask, adv.reshape(-1, 1).to(self.device).expand_as(batch.mask), 0.0)
-        return rewards, adv_tok, adv_info
-
-    def _plan(self, step: int, batch: Batch, rewards: torch.Tensor, adv_tok: torch.Tensor,
-              adv_info: dict) -> tuple[MethodPlan, dict]:
-        """Phase 2, on the GLOBAL batch (identical on every rank): per-token contributions -> the method's
-        plan; the metrics of the batch and the predicted change."""
-        cfg = self.cfg
-        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
-        mask, stats = batch.mask, batch.stats
-        correct = batch.correct
-        n_tok = int(mask.sum())
+        mask, stats, adv_tok, n_tok = batch.mask, batch.stats, batch.advantages, batch.n_tokens
         entropy = masked_mean(stats.entropy, mask)
-        # each token's loss is normalised by its mini-batch's token count N_m; scaling contributions by
-        # N / N_m lets the sampler and the prediction keep the whole batch's normaliser N (docs/scaling.md)
-        if cfg.mini_batches > 1:
-            n_mb = torch.tensor(batch.mini_batch_tokens, device=self.device).clamp(min=1)
-            scale = (n_tok / n_mb)[batch.mini_batch].unsqueeze(-1)
-        else:
-            scale = 1.0
+        scale = self._normaliser_scale(batch)
         lr_now = self.optimizer.param_groups[0]["lr"]
-        contrib = token_entropy_contributions(stats, adv_tok, mask, rule=cfg.rule) * scale
-        extra: dict[str, float] = {}
-        control = entropy
-        if self.estimate is not None:  # aim a state estimate, not the noisy batch entropy, at the schedule
-            groups = torch.arange(mask.shape[0], device=mask.device) // G
-            _, var = batch_entropy_variance(stats.entropy, mask, groups)
-            control = self.estimate.update(entropy, float(var))
-            extra.update(entropy_estimate=control, entropy_estimate_std=math.sqrt(self.estimate.variance),
-                         batch_entropy_std=math.sqrt(float(var)), estimate_gain=self.estimate.gain)
+        control, extra = self._control_entropy(batch, entropy)
         drift = 0.0
         if batch.param is not None:
             # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the sampler's convention is
@@ -650,137 +714,154 @@ class Trainer:
             drift = batch.param.drift
             contrib = adv_tok * batch.param.directional * (scale / n_tok) * (n_tok ** 2 / lr_now)
             extra["predicted_drift"] = drift
+        else:
+            contrib = token_entropy_contributions(stats, adv_tok, mask, rule=cfg.rule) * scale
         # the known drift is moved to the entropy side: the sampler chooses samples for target - H - drift
         plan = self.method.prepare(advantages=adv_tok, log_probs=stats.log_prob, old_log_probs=stats.log_prob,
                                    mask=mask, entropy=control + drift, step=step, contributions=contrib,
-                                   rewards=rewards.reshape(-1).to(self.device))
-        diag = plan.diagnostics
-        groups_correct = correct.reshape(P, G)
-        keys = batch.answer_keys
-        distinct = [len({keys[p * G + g] for g in range(G) if groups_correct[p, g]}) for p in range(P)]
-        row: dict[str, float | str] = {
-            "step": step,
-            "entropy": entropy,
-            "reward_mean": float(rewards.mean()),
-            "accuracy": float(correct.float().mean()),
-            "signal_fraction": 1.0 - float(adv_info["zero_signal_groups"]) / P,
-            "distinct_correct": sum(distinct) / P,
-            "response_length": n_tok / (P * G),
-            "accepted_fraction": float(diag.get("accepted_fraction", 1.0)),
-            "accepted_pos_fraction": float(diag.get("accepted_pos_fraction", 1.0)),
-            "accepted_neg_fraction": float(diag.get("accepted_neg_fraction", 1.0)),
-            "lr": lr_now,
-        }
-        renamed = {"k": "calibration_k", "predicted_change": "calibrated_predicted_change"}
-        for key in ("target_entropy", "lower", "upper", "regime", "k", "predicted_change", "entropy_coef", "alpha",
-                    "num_detached", "num_candidates", "num_kl_tokens"):
-            if key in diag:
-                row[renamed.get(key, key)] = diag[key]
-        if "calibration_k" in row:
-            row["calibration_factor"] = float(row["calibration_k"]) / lr_now
-        row.update(extra)
-        self.last_accepted_fraction = max(float(row["accepted_fraction"]), 1e-3)
+                                   rewards=batch.rewards.reshape(-1).to(self.device))
+        accepted = float(plan.diagnostics.get("accepted_fraction", 1.0))
+        self.last_accepted_fraction = max(accepted, MIN_ACCEPTED_FRACTION)
         # per-position (logit-space) prediction of the token-mean entropy change for the advantages actually
         # trained on, under the token-mean loss with the whole batch's normaliser (docs/theory.md eq. 3.3)
         c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule) * scale
         logit_pred = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
-        if batch.param is not None:  # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
-            row["predicted_entropy_change"] = drift + float(
-                (plan.advantages * batch.param.directional * scale / n_tok).sum())
-            row["predicted_entropy_change_logit"] = logit_pred
-        else:
-            row["predicted_entropy_change"] = logit_pred
-        return plan, row
+        if batch.param is None:
+            return _Planned(plan, entropy, lr_now, extra, logit_pred, None)
+        # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
+        param_pred = drift + float((plan.advantages * batch.param.directional * scale / n_tok).sum())
+        return _Planned(plan, entropy, lr_now, extra, param_pred, logit_pred)
 
-    def _update(self, batch: Batch, plan: MethodPlan, row: dict) -> tuple[_Before, bool]:
-        """Phase 3: ``ppo_epochs`` x ``mini_batches`` optimiser steps on this rank's rows, gradients summed
-        over ranks by DDP, each mini-batch's loss normalised by its token count over all ranks."""
+    def _normaliser_scale(self, batch: Batch) -> torch.Tensor | float:
+        """``N / N_m`` per row ``[B, 1]`` (1.0 with one mini-batch). Each token's loss is normalised by its
+        mini-batch's token count ``N_m``; scaling contributions by ``N / N_m`` lets the sampler and the
+        prediction keep the whole batch's normaliser ``N`` (docs/scaling.md)."""
+        if self.cfg.mini_batches == 1:
+            return 1.0
+        n_mb = torch.tensor(batch.mini_batch_tokens, device=self.device).clamp(min=1)
+        return (batch.n_tokens / n_mb)[batch.mini_batch].unsqueeze(-1)
+
+    def _control_entropy(self, batch: Batch, entropy: float) -> tuple[float, dict[str, float]]:
+        """The entropy the method controls: the batch entropy, or with ``--entropy-estimate`` the state
+        estimate updated by it (and the estimate's metrics)."""
+        if self.estimate is None:
+            return entropy, {}
+        mask = batch.mask
+        groups = torch.arange(mask.shape[0], device=mask.device) // self.cfg.samples_per_prompt
+        _, var = batch_entropy_variance(batch.stats.entropy, mask, groups)
+        control = self.estimate.update(entropy, float(var))
+        return control, {"entropy_estimate": control, "entropy_estimate_std": math.sqrt(self.estimate.variance),
+                         "batch_entropy_std": math.sqrt(float(var)), "estimate_gain": self.estimate.gain}
+
+    # ---------------------------------------------------------- 3. update
+    def _update(self, batch: Batch, plan: MethodPlan) -> _Updated:
+        """``ppo_epochs`` x ``mini_batches`` optimiser steps on this rank's rows, gradients summed over ranks by
+        DDP/FSDP, each mini-batch's loss normalised by its token count over all ranks. Stops at the first
+        non-finite loss or gradient (that optimiser step is not taken)."""
         cfg, d = self.cfg, self.dist
-        local_mask = batch.local_mask
-        B, T = local_mask.shape
+        before, separate = self._old_policy(batch)
         plan_local = plan.rows(batch.rows)
         minib = batch.mini_batch[batch.rows]
-        n_mb = batch.mini_batch_tokens
+        groups = [(minib == m).nonzero().squeeze(-1) for m in range(cfg.mini_batches)]
+        totals = _UpdateTotals(steps=cfg.ppo_epochs * cfg.mini_batches)
+        finite = True
+        self.model.eval()  # dropout off: old log-probs, the update and the measured change see one policy
+        for epoch, (m, idx) in itertools.product(range(cfg.ppo_epochs), enumerate(groups)):
+            first = epoch == 0 and not separate  # this pass also records the old policy
+            self.optimizer.zero_grad(set_to_none=True)
+            nan = self._accumulate(batch, plan, plan_local, before, idx, batch.mini_batch_tokens[m], first, totals)
+            finite = self._clip_gradients(nan, totals)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            if first and before.first_order is not None:  # one mini-batch: its gradient is complete now
+                before.first_order.reduce(d)
+            self.optimizer.step()
+        loss, clipped, kl_ref = d.sum(totals.loss, totals.clipped, totals.kl_ref)
+        metrics = {"loss": loss, "clip_fraction": clipped, "grad_norm": totals.grad_norm}
+        if self.ref_model is not None:
+            metrics["kl_ref"] = kl_ref
+        if before.first_order is not None and finite:
+            metrics["exact_predicted_entropy_change"] = before.first_order.predicted(d)
+        return _Updated(before, finite, metrics)
+
+    def _old_policy(self, batch: Batch) -> tuple[_Before, bool]:
+        """The record of the pre-update policy, and whether it is taken in a pass of its own before the first
+        optimiser step (later mini-batches see an updated policy, and FSDP's entropy gradient needs a
+        backward of its own); otherwise the first epoch's forwards fill it in."""
+        cfg = self.cfg
+        B, T = batch.local_mask.shape
         first_order = None
         if batch.param is not None:
             first_order = batch.param.first_order  # grad Hbar of the parameter-space predictor, complete
         elif cfg.exact_first_order:
             first_order = FirstOrder(self.params, self.sharded, self.loss_scale)
         before = _Before(torch.zeros(B, T, device=self.device), torch.zeros(B, T, device=self.device), first_order)
-        groups = [(minib == m).nonzero().squeeze(-1) for m in range(cfg.mini_batches)]
-        # later mini-batches see an updated policy, and FSDP's entropy gradient needs a backward of its own:
-        # then the old policy is taken in a pass of its own before the first optimiser step
         separate = cfg.mini_batches > 1 or (self.sharded and before.needs_gradient)
         if separate:
-            self.optimizer.zero_grad(set_to_none=True)  # FSDP's entropy gradient lands in .grad
-            self._record_before(batch, torch.arange(B, device=self.device), before, n_tok=sum(n_mb))
+            self._record_before(batch, torch.arange(B, device=self.device), before,
+                                n_tok=sum(batch.mini_batch_tokens))
             if before.first_order is not None:
-                before.first_order.reduce(d)
-                self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = clipped = kl_ref = grad_norm = 0.0
+                before.first_order.reduce(self.dist)
+        return before, separate
+
+    def _accumulate(self, batch: Batch, plan: MethodPlan, plan_local: MethodPlan, before: _Before,
+                    idx: torch.Tensor, n_tok: float, first: bool, totals: _UpdateTotals) -> bool:
+        """Forward and backward of one mini-batch (this rank's rows ``idx``) micro-batch by micro-batch, its
+        loss normalised by its token count ``n_tok``; on the ``first`` pass the old policy is recorded too.
+        Returns whether a logit or the loss was not finite (the backward still joins DDP's)."""
+        cfg = self.cfg
+        local_mask = batch.local_mask
         nan = False
-        self.model.eval()  # dropout off: old log-probs, the update and the measured change see one policy
-        steps = cfg.ppo_epochs * cfg.mini_batches
-        for epoch in range(cfg.ppo_epochs):
-            for m, idx in enumerate(groups):
-                self.optimizer.zero_grad(set_to_none=True)
-                n_tok = n_mb[m]
-                chunks = idx.split(cfg.micro_batch_size)
-                for c, rows in enumerate(chunks):
-                    with self._gradient_sync(c == len(chunks) - 1):
-                        logits = self._logits(self.train_forward, batch, rows)
-                        if not all_finite(logits):  # skipped like a NaN loss; the backward still joins DDP's
-                            nan = True
-                            (logits.sum() * 0.0).backward()
-                            continue
-                        lp = response_log_probs(logits, batch.roll.tokens[rows])
-                        first = epoch == 0 and not separate
-                        tok_ent = None
-                        if self.method.needs_token_entropy or (first and before.needs_gradient):
-                            tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .>
-                        if first:
-                            before.store(rows, lp.detach(), logits, batch, tok_ent, n_tok)
-                        mrows = local_mask[rows]
-                        loss_tok = self.method.token_loss(plan_local.rows(rows), lp, before.log_prob[rows], mrows,
-                                                          token_entropy=tok_ent)
-                        if self.ref_model is not None:
-                            with torch.no_grad():
-                                ref_lp = response_log_probs(self._plain_logits(self.ref_model, batch, rows),
-                                                            batch.roll.tokens[rows])
-                            dlp = ref_lp - lp
-                            kl_tok = torch.exp(dlp) - dlp - 1.0  # k3 estimator of KL(pi || pi_ref)
-                            loss_tok = loss_tok + cfg.kl_coef * kl_tok
-                            kl_ref += float(torch.where(mrows, kl_tok.detach(), 0.0).sum()) / n_tok / steps
-                        loss = masked_token_mean(loss_tok, mrows, n_tok)
-                        nan |= not bool(torch.isfinite(loss))
-                        (loss * self.loss_scale).backward()
-                    loss_sum += float(loss.detach()) / cfg.ppo_epochs / cfg.mini_batches  # mean per optimiser step
-                    clip = ppo_clipped(lp.detach(), before.log_prob[rows], plan_local.advantages[rows],
-                                       plan.eps_low, plan.eps_high)
-                    clipped += float((clip & mrows).sum()) / n_tok / steps
-                nan = d.any(nan, self.device)
-                if not nan:
-                    limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
-                    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                    grad_norm += norm / steps  # the mean over this step's optimiser steps
-                    nan = not math.isfinite(norm)
-                if nan:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    break
-                if before.first_order is not None and epoch == 0 and m == 0 and not separate:
-                    before.first_order.reduce(d)
-                self.optimizer.step()
-            if nan:
-                break
-        self._scheduler_step()
-        loss_sum, clipped, kl_ref = d.sum(loss_sum, clipped, kl_ref)
-        row.update(loss=loss_sum, clip_fraction=clipped, grad_norm=grad_norm)
-        if self.ref_model is not None:
-            row["kl_ref"] = kl_ref
-        if before.first_order is not None and not nan:
-            row["exact_predicted_entropy_change"] = before.first_order.predicted(d)
-        return before, nan
+        chunks = idx.split(cfg.micro_batch_size)
+        for c, rows in enumerate(chunks):
+            with self._gradient_sync(c == len(chunks) - 1):
+                logits = self._logits(self.train_forward, batch, rows)
+                if not all_finite(logits):  # skipped like a NaN loss; the backward still joins DDP's
+                    nan = True
+                    (logits.sum() * 0.0).backward()
+                    continue
+                lp = response_log_probs(logits, batch.roll.tokens[rows])
+                tok_ent = None
+                if self.method.needs_token_entropy or (first and before.needs_gradient):
+                    tok_ent = policy_entropy(logits)  # differentiable: the bonus and <dH/dtheta, .>
+                if first:
+                    before.store(rows, lp.detach(), logits, batch, tok_ent, n_tok)
+                mrows = local_mask[rows]
+                loss_tok = self.method.token_loss(plan_local.rows(rows), lp, before.log_prob[rows], mrows,
+                                                  token_entropy=tok_ent)
+                if self.ref_model is not None:
+                    kl_tok = self._kl_to_reference(batch, rows, lp)
+                    loss_tok = loss_tok + cfg.kl_coef * kl_tok
+                    totals.kl_ref += float(torch.where(mrows, kl_tok.detach(), 0.0).sum()) / n_tok / totals.steps
+                loss = masked_token_mean(loss_tok, mrows, n_tok)
+                nan |= not bool(torch.isfinite(loss))
+                (loss * self.loss_scale).backward()
+            totals.loss += float(loss.detach()) / cfg.ppo_epochs / cfg.mini_batches  # mean per optimiser step
+            clip = ppo_clipped(lp.detach(), before.log_prob[rows], plan_local.advantages[rows],
+                               plan.eps_low, plan.eps_high)
+            totals.clipped += float((clip & mrows).sum()) / n_tok / totals.steps
+        return nan
+
+    def _kl_to_reference(self, batch: Batch, rows: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+        """Per-token k3 estimate ``exp(d) - d - 1``, ``d = log pi_ref - log pi``, of KL(pi || pi_ref) ``[b, T]``."""
+        with torch.no_grad():
+            ref_lp = response_log_probs(self._plain_logits(self.ref_model, batch, rows), batch.roll.tokens[rows])
+        dlp = ref_lp - log_prob
+        return torch.exp(dlp) - dlp - 1.0
+
+    def _clip_gradients(self, nan: bool, totals: _UpdateTotals) -> bool:
+        """Agree over ranks whether the mini-batch was finite; if so clip the gradient norm (``grad_clip``) and
+        add it to the step's mean. Returns whether the optimiser step may be taken."""
+        cfg = self.cfg
+        nan = self.dist.any(nan, self.device)
+        if nan:
+            return False
+        limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        totals.grad_norm += norm / totals.steps  # the mean over this step's optimiser steps
+        return math.isfinite(norm)
 
     @torch.no_grad()
     def _record_before(self, batch: Batch, idx: torch.Tensor, before: _Before, n_tok: float) -> None:
@@ -793,9 +874,11 @@ class Trainer:
                 before.store(rows, response_log_probs(logits, batch.roll.tokens[rows]).detach(), logits, batch,
                              tok_ent, n_tok)
 
+    # ---------------------------------------------------------- 4. measure
     @torch.no_grad()
-    def _measure(self, batch: Batch, before: _Before, row: dict) -> None:
-        """Phase 4, theory against practice: the entropy of the updated policy on the same contexts."""
+    def _measure(self, batch: Batch, before: _Before) -> dict[str, float]:
+        """Theory against practice: the entropy of the updated policy on the same contexts, and the KL of the
+        old to the new policy there; the change is fed back to the method."""
         local_mask = batch.local_mask
         B, T = local_mask.shape
         h_after = torch.zeros(B, T, device=self.device)
@@ -807,12 +890,60 @@ class Trainer:
             h_after[rows], new_lp[rows] = st.entropy, st.log_prob
         measured = self._global_mean(h_after, local_mask) - self._global_mean(before.entropy, local_mask)
         log_ratio = new_lp - before.log_prob
-        row["kl_old_new"] = self._global_mean(torch.exp(log_ratio) - 1.0 - log_ratio, local_mask)
-        row["measured_entropy_change"] = measured
-        pred = float(row["predicted_entropy_change"])
-        row["measured_over_predicted"] = measured / pred if pred != 0 else float("nan")
+        kl_old_new = self._global_mean(torch.exp(log_ratio) - 1.0 - log_ratio, local_mask)
         # the sampler is calibrated on the sample-dependent part: the known drift is taken off (see _plan)
         self.method.observe(measured - (batch.param.drift if batch.param is not None else 0.0))
+        return {"kl_old_new": kl_old_new, "measured_entropy_change": measured}
+
+    def _advance_estimate(self, change: float) -> None:
+        """Process step of the entropy estimate: the policy moved by the last update's change."""
+        if self.estimate is not None and self.estimate.initialised:
+            self.estimate.predict(change, self.cfg.estimate_process_std ** 2)
+
+    # ---------------------------------------------------------- 5. metrics
+    def _metrics(self, step: int, batch: Batch, planned: _Planned, updated: _Updated | None,
+                 measured: dict[str, float] | None) -> dict[str, float | str]:
+        """The step's row of ``metrics.jsonl`` (the phase times are added by :meth:`train_step`)."""
+        cfg = self.cfg
+        P, G = cfg.prompts_per_step, cfg.samples_per_prompt
+        diag = planned.plan.diagnostics
+        groups_correct = batch.correct.reshape(P, G)
+        keys = batch.answer_keys
+        distinct = [len({keys[p * G + g] for g in range(G) if groups_correct[p, g]}) for p in range(P)]
+        row: dict[str, float | str] = {
+            "step": step,
+            "entropy": planned.entropy,
+            "reward_mean": float(batch.rewards.mean()),
+            "accuracy": float(batch.correct.float().mean()),
+            "signal_fraction": 1.0 - float(batch.advantage_info["zero_signal_groups"]) / P,
+            "distinct_correct": sum(distinct) / P,
+            "response_length": batch.n_tokens / (P * G),
+            "accepted_fraction": float(diag.get("accepted_fraction", 1.0)),
+            "accepted_pos_fraction": float(diag.get("accepted_pos_fraction", 1.0)),
+            "accepted_neg_fraction": float(diag.get("accepted_neg_fraction", 1.0)),
+            "lr": planned.lr,
+        }
+        for key in PLAN_DIAGNOSTICS:
+            if key in diag:
+                row[SAMPLER_DIAGNOSTICS.get(key, key)] = diag[key]
+        if "calibration_k" in row:  # the calibration factor k / lr (--calibration-factor is its start)
+            row["calibration_factor"] = float(row["calibration_k"]) / planned.lr
+        row.update(planned.control)
+        row["predicted_entropy_change"] = planned.predicted
+        if planned.predicted_logit is not None:
+            row["predicted_entropy_change_logit"] = planned.predicted_logit
+        if updated is None:  # nothing to train on
+            row.update(skipped="all_rejected" if diag.get("all_rejected") else "no_signal",
+                       measured_entropy_change=0.0, predicted_entropy_change=0.0)
+            return row
+        row.update(updated.metrics)
+        if not updated.finite:
+            row.update(skipped="nan_loss", measured_entropy_change=0.0, nan_streak=self.nan_streak)
+        elif measured is not None:
+            row.update(measured)
+            pred = planned.predicted
+            row["measured_over_predicted"] = measured["measured_entropy_change"] / pred if pred != 0 else float("nan")
+        return row
 
     def _scheduler_step(self) -> None:
         """One learning-rate schedule step per training step, also for skipped steps."""
@@ -918,88 +1049,7 @@ class Trainer:
         return int(state["next_step"])
 
 
-# ---------------------------------------------------------------------- summary and I/O
-def _fit(rows: list[dict], key: str, suffix: str, out: dict[str, float]) -> None:
-    """Pearson correlation, slope through the origin and sign agreement of measured vs ``key``."""
-    pairs = [(float(r[key]), float(r["measured_entropy_change"])) for r in rows
-             if isinstance(r.get("measured_entropy_change"), (int, float)) and not r.get("skipped")
-             and isinstance(r.get(key), (int, float))]
-    if suffix == "":
-        out["steps_measured"] = float(len(pairs))
-    if len(pairs) < 3:
-        return
-    p = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
-    m = torch.tensor([b for _, b in pairs], dtype=torch.float64)
-    if float(p.std()) > 0 and float(m.std()) > 0:
-        out["correlation" + suffix] = float(torch.corrcoef(torch.stack([p, m]))[0, 1])
-    if float((p * p).sum()) > 0:
-        out["slope" + suffix] = float((p * m).sum() / (p * p).sum())
-    nz = (p != 0) & (m != 0)
-    if bool(nz.any()):
-        out["sign_agreement" + suffix] = float(((p[nz] > 0) == (m[nz] > 0)).double().mean())
-
-
-def summarize(rows: list[dict]) -> dict[str, float]:
-    """Correlation and slope (through the origin) of measured vs predicted entropy change, plus start/end."""
-    out: dict[str, float] = {}
-    _fit(rows, "predicted_entropy_change", "", out)
-    _fit(rows, "exact_predicted_entropy_change", "_exact", out)
-    _fit(rows, "predicted_entropy_change_logit", "_logit", out)  # beside the parameter-space predictor
-    train = [r for r in rows if "entropy" in r]
-    if train:
-        head, tail = train[: max(1, len(train) // 10)], train[-max(1, len(train) // 10):]
-        out.update(entropy_start=sum(r["entropy"] for r in head) / len(head),
-                   entropy_end=sum(r["entropy"] for r in tail) / len(tail),
-                   reward_start=sum(r["reward_mean"] for r in head) / len(head),
-                   reward_end=sum(r["reward_mean"] for r in tail) / len(tail),
-                   signal_fraction=sum(r["signal_fraction"] for r in train) / len(train),
-                   seconds_per_step=sum(r.get("time_step", 0.0) for r in train) / len(train))
-    evals = [r for r in rows if "pass_at_1" in r]
-    if evals:
-        out.update(pass_at_1_start=evals[0]["pass_at_1"], pass_at_k_start=evals[0]["pass_at_k"],
-                   pass_at_1_end=evals[-1]["pass_at_1"], pass_at_k_end=evals[-1]["pass_at_k"])
-    ks = [r["calibration_factor"] for r in rows if "calibration_factor" in r]
-    if ks:
-        out["calibration_factor_end"] = ks[-1]
-    return out
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _json_safe(row: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
-class _Scalars:
-    """TensorBoard scalars when tensorboard is installed; otherwise nothing."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.writer = None
-        if enabled:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                self.writer = None
-
-    def write(self, row: dict) -> None:
-        if self.writer is None:
-            return
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k != "step" and math.isfinite(float(v)):
-                self.writer.add_scalar(k, v, int(row["step"]))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
+# ---------------------------------------------------------------------- the command line
 def _resolve_resume(path: str) -> tuple[Path, Path]:
     """``--resume DIR``: DIR is a run directory holding ``checkpoint/`` or the checkpoint itself."""
     p = Path(path).expanduser()
@@ -1052,28 +1102,16 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
         run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir, dist)
     start = trainer.load_checkpoint(ckpt) if ckpt is not None else 0
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = [r for r in _read_rows(metrics_path) if r["step"] < start]  # drop anything after the checkpoint
+    kept = [r for r in read_rows(run_dir / "metrics.jsonl") if r["step"] < start]  # drop what the checkpoint lacks
     dist.barrier()  # every rank has read the old metrics before rank 0 rewrites them
     if main_rank:
         save_yaml(cfg, run_dir / "config.yaml")
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scalars = _Scalars(run_dir, cfg.tensorboard and main_rank)
-    bar = _progress(cfg, start) if main_rank else None
     step = start
     done_here = 0
     finished = start >= cfg.steps
-    out = metrics_path.open("a") if main_rank else contextlib.nullcontext(None)
-
-    def emit(row: dict) -> None:
-        rows.append(_json_safe(row))
-        if main_rank:
-            out.write(json.dumps(rows[-1]) + "\n")
-            out.flush()
-            scalars.write(rows[-1])
-
+    bar = _progress(cfg, start) if main_rank else None
     try:
-        with _StopFlag() as stop, out:
+        with MetricsLog(run_dir, kept, write=main_rank, tensorboard=cfg.tensorboard) as log, _StopFlag() as stop:
             for step in range(start, cfg.steps):
                 row: dict = {}
                 if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
@@ -1081,17 +1119,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
                 if cfg.probe_every and step % cfg.probe_every == 0:
                     row.update(trainer.probe_entropy())
                 row = {**trainer.train_step(step), **row}
-                emit(row)
+                log.append(row)
                 done_here += 1
                 if bar is not None:
-                    post = {"R": f"{row['reward_mean']:+.2f}", "H": f"{row['entropy']:.3f}",
-                            "acc": f"{row['accepted_fraction']:.2f}"}
-                    if "target_entropy" in row:
-                        post["tgt"] = f"{float(row['target_entropy']):.3f}"
-                    if "pass_at_1" in row:
-                        post["p@1"] = f"{row['pass_at_1']:.2f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
+                    _show_progress(bar, row)
                 if row.get("skipped") == "nan_loss" and trainer.nan_streak >= cfg.max_nan_steps:
                     trainer.save_checkpoint(step + 1)
                     raise UserError(f"loss was NaN/inf on {trainer.nan_streak} consecutive steps (last: step {step}); "
@@ -1102,14 +1133,15 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     trainer.save_checkpoint(step + 1)
                 if main_rank and cfg.plot and cfg.plot_every and (step + 1) % cfg.plot_every == 0:
-                    _plot(rows, run_dir, cfg)
+                    _plot(log.rows, run_dir, cfg)
                 finished = step + 1 == cfg.steps
                 # every rank stops at the same step, whichever received the interrupt
                 if dist.any(stop.requested or bool(cfg.stop_after and done_here >= cfg.stop_after),
                             trainer.device):
                     break
             if finished:
-                emit({"step": cfg.steps, "final": True, **trainer.evaluate(cfg.steps), **trainer.probe_entropy()})
+                log.append({"step": cfg.steps, "final": True, **trainer.evaluate(cfg.steps),
+                            **trainer.probe_entropy()})
                 trainer.save_checkpoint(cfg.steps)
             else:
                 trainer.save_checkpoint(step + 1)
@@ -1119,13 +1151,22 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
     finally:
         if bar is not None:
             bar.close()
-        scalars.close()
-    summary = summarize(rows)
+    summary = summarize(log.rows)
     if main_rank:
-        (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        write_summary(summary, run_dir / "summary.json")
         if cfg.plot:
-            _plot(rows, run_dir, cfg)
+            _plot(log.rows, run_dir, cfg)
     return summary
+
+
+def _show_progress(bar, row: dict) -> None:
+    post = {"R": f"{row['reward_mean']:+.2f}", "H": f"{row['entropy']:.3f}", "acc": f"{row['accepted_fraction']:.2f}"}
+    if "target_entropy" in row:
+        post["tgt"] = f"{float(row['target_entropy']):.3f}"
+    if "pass_at_1" in row:
+        post["p@1"] = f"{row['pass_at_1']:.2f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
 
 
 def _plot(rows: list[dict], run_dir: Path, cfg: TrainConfig) -> None:

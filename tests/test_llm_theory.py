@@ -41,7 +41,7 @@ def test_predicted_and_measured_change_agree_in_sign(tmp_path, optimizer, lr, se
     for direction, sign in (("lower", -1.0), ("raise", 1.0)):
         cfg = validate(TrainConfig(**{**PRESETS["smoke"], "optimizer": optimizer, "lr": lr, "seed": seed,
                                       "eval_prompts": 0}))
-        row = Trainer(cfg, Path(tmp_path)).train_step(0, rewards_override=constructed_rewards(direction))
+        row = Trainer(cfg, Path(tmp_path), reward_fn=constructed_rewards(direction)).train_step(0)
         assert row.get("skipped") is None
         assert row["predicted_entropy_change"] * sign > 0, (direction, row)
         assert row["measured_entropy_change"] * sign > 0, (direction, row)
@@ -75,7 +75,7 @@ def test_exact_first_order_prediction_matches_measured_change(tmp_path, directio
     while the per-position (logit-space) prediction has the right sign but a much smaller scale."""
     cfg = validate(TrainConfig(**{**PRESETS["smoke"], "optimizer": "sgd", "lr": 1e-3, "exact_first_order": True,
                                   "eval_prompts": 0}))
-    row = Trainer(cfg, Path(tmp_path)).train_step(0, rewards_override=constructed_rewards(direction))
+    row = Trainer(cfg, Path(tmp_path), reward_fn=constructed_rewards(direction)).train_step(0)
     measured, exact = row["measured_entropy_change"], row["exact_predicted_entropy_change"]
     assert exact == pytest.approx(measured, rel=0.1)
     assert 1 < measured / row["predicted_entropy_change"]
@@ -92,7 +92,8 @@ def test_nan_logits_in_the_update_skip_the_step(tmp_path, monkeypatch):
         return real(self, *args, **kwargs) * float("nan")
 
     monkeypatch.setattr(Trainer, "_logits", broken)
-    row = trainer.train_step(0, rewards_override=lambda roll: torch.tensor([1.0, -1.0]).repeat(roll.mask.shape[0] // 2))
+    trainer.reward_fn = lambda roll: torch.tensor([1.0, -1.0]).repeat(roll.mask.shape[0] // 2)
+    row = trainer.train_step(0)
     assert row["skipped"] == "nan_loss" and trainer.nan_streak == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
 

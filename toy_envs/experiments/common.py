@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from entrotheory import fit_measured_on_predicted  # noqa: E402
+
 __all__ = ["fit_stats", "save_json", "save_figure", "setup_style", "to_jsonable", "plt", "sns"]
 
 
@@ -23,31 +25,21 @@ def setup_style() -> None:
 
 
 def fit_stats(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    """Agreement of measured with predicted changes.
+    """Agreement of measured with predicted changes (:func:`entrotheory.fit_measured_on_predicted`, ordinary
+    least squares, signs of all pairs).
 
     ``r2``: squared Pearson correlation (R^2 of the least-squares line); ``slope``/``intercept``:
     that line, measured on predicted; ``r2_identity``: ``1 - sum (m - p)^2 / sum (m - mean m)^2``
     (agreement with the prediction itself, no refit); ``sign_agreement``: fraction of pairs with
-    the same sign; ``n``: number of pairs.
+    the same sign; ``n``: number of finite pairs. Every statistic is NaN with fewer than 3 pairs or a
+    constant series.
     """
-    p = np.asarray(predicted, dtype=np.float64).ravel()
-    m = np.asarray(measured, dtype=np.float64).ravel()
-    ok = np.isfinite(p) & np.isfinite(m)
-    p, m = p[ok], m[ok]
-    out = {"n": int(p.size)}
-    if p.size < 3 or np.std(p) == 0 or np.std(m) == 0:
-        return out | {"r2": math.nan, "slope": math.nan, "intercept": math.nan,
-                      "r2_identity": math.nan, "sign_agreement": math.nan}
-    slope, intercept = np.polyfit(p, m, 1)
-    r = np.corrcoef(p, m)[0, 1]
-    sst = float(((m - m.mean()) ** 2).sum())
-    return out | {
-        "r2": float(r * r),
-        "slope": float(slope),
-        "intercept": float(intercept),
-        "r2_identity": float(1.0 - ((m - p) ** 2).sum() / sst) if sst > 0 else math.nan,
-        "sign_agreement": float(np.mean(np.sign(p) == np.sign(m))),
-    }
+    fit = fit_measured_on_predicted(predicted, measured, line="ols", signs="all")
+    if math.isnan(fit.correlation):
+        return {"n": fit.n, "r2": math.nan, "slope": math.nan, "intercept": math.nan, "r2_identity": math.nan,
+                "sign_agreement": math.nan}
+    return {"n": fit.n, "r2": fit.correlation * fit.correlation, "slope": fit.slope, "intercept": fit.intercept,
+            "r2_identity": fit.r2_identity, "sign_agreement": fit.sign_agreement}
 
 
 def to_jsonable(x: Any) -> Any:
