@@ -75,8 +75,8 @@ __all__ = ["Trainer", "main", "derive_seed", "summarize", "RewardFn"]
 RewardFn = Callable[[Rollout], torch.Tensor]  # this rank's rollout -> rewards [P_local, G] (replaces the task's)
 
 # the rejection sampler's names for its calibration (entrotheory/rejection.py), mapped to the llm's here only:
-# it learns the step size k (nats per unit of the contributions' convention) from k_init = k_scale * lr, so
-# that the calibration factor k / lr starts at --calibration-factor; its diagnostics are logged renamed
+# it fits measured ~= offset + k * predicted-per-unit-step from k_init = k_scale * lr, so the calibration
+# factor k / lr (logged as calibration_factor) starts at --calibration-factor; its k is logged as calibration_k
 SAMPLER_CALIBRATION_FACTOR = "k_scale"
 SAMPLER_STEP_BOUNDS = ("k_min", "k_max")
 SAMPLER_DIAGNOSTICS = {"k": "calibration_k", "predicted_change": "calibrated_predicted_change"}
@@ -90,7 +90,8 @@ PARAM_CALIBRATION_RANGE = 3.0
 # the accepted fraction that scales AdamW's reference gradient of the next step's parameter-space prediction
 # is kept above this floor (a step that rejects everything must not zero it)
 MIN_ACCEPTED_FRACTION = 1e-3
-MAX_TASK_WARNINGS = 20  # dataset warnings printed at start (the rest are counted in the task, not shown)
+MISSING_WEIGHTS_SHOWN = 3  # names of missing weights quoted when a checkpoint does not fit the model
+MAX_TASK_WARNINGS = 20  # at most this many of the task's warnings (malformed dataset records) are printed
 
 
 def derive_seed(*parts: object) -> int:
@@ -417,6 +418,9 @@ class Trainer:
             raise UserError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of processes "
                             f"{self.dist.world} x mini_batches {cfg.mini_batches} (whole groups stay on one rank "
                             f"and every mini-batch has the same number of prompts on each)")
+        if cfg.fsdp and not torch.distributed.is_initialized():
+            raise UserError("--fsdp shards over the processes of a torchrun job: start it with torchrun "
+                            "(--nproc-per-node 1 is fine)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device, self.dist)
@@ -438,9 +442,6 @@ class Trainer:
         # scaled by the number of processes so that they sum them
         self.loss_scale = float(self.dist.world)
         if cfg.fsdp:
-            if not torch.distributed.is_initialized():
-                raise UserError("--fsdp shards over the processes of a torchrun job: start it with torchrun "
-                                "(--nproc-per-node 1 is fine)")
             self.fsdp_modules = shard_model(self.model)
             if self.ref_model is not None:
                 shard_model(self.ref_model)
@@ -1014,7 +1015,7 @@ class Trainer:
                 weights = load_file(str(ckpt / "model.safetensors"))
                 missing = set(self.model.state_dict()) - set(weights)
                 if missing - _tied_duplicates(self.model):
-                    raise KeyError(f"missing weights {sorted(missing)[:3]}")
+                    raise KeyError(f"missing weights {sorted(missing)[:MISSING_WEIGHTS_SHOWN]}")
                 set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
             else:
                 load_model(self.model, str(ckpt / "model.safetensors"), device=str(self.device))

@@ -35,3 +35,26 @@ def test_cli_reference_covers_every_field_and_preset():
         assert f"`--{f.name.replace('_', '-')}" in text, f.name
     for name in PRESETS:
         assert f"`{name}`" in text
+
+
+def test_help_texts_and_choices_come_from_the_dataclass():
+    """Every field has a help text in its metadata and ``--help`` shows it; the choice fields offer exactly
+    what the code behind them accepts."""
+    import typing
+
+    from entrotheory.core import RULES
+    from llm.config import TrainConfig, build_parser, field_choices
+    from llm.tasks import TASKS
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"{f.name} has no metadata help text"
+        assert actions[f.name].help.replace("%%", "%").startswith(f.metadata["help"]), f.name
+    assert field_choices("task") == TASKS
+    assert field_choices("rule") == RULES
+    assert field_choices("method") is None  # a registry name, checked against entrotheory.methods.METHODS
+    literal = [f.name for f in dataclasses.fields(TrainConfig)
+               if typing.get_origin(typing.get_type_hints(TrainConfig)[f.name]) is typing.Literal]
+    assert set(literal) == {"task", "dataset_errors", "rule", "predictor", "param_derivative", "optimizer"}
+    sections = [f.metadata["section"] for f in dataclasses.fields(TrainConfig) if "section" in f.metadata]
+    assert dataclasses.fields(TrainConfig)[0].metadata.get("section") and len(sections) == len(set(sections))

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from entrotheory.methods import METHODS  # noqa: E402
 from llm import train as train_mod  # noqa: E402
+from llm.errors import UserError  # noqa: E402
 from llm.train import main  # noqa: E402
 
 VOLATILE = ("time_", "tokens_per_s")
@@ -137,6 +138,14 @@ def one_line_error(capsys) -> str:
         (["--bogus-flag", "1"], "--bogus-flag"),
         (["--method", "vanilla", "--schedule", "linear:0.7->0.5"], "vanilla"),
         (["--pass-k", "9"], "pass_k 9"),
+        # choices are checked when the config is made, before any model is loaded (the path is never read)
+        (["--model", "/no/such/model", "--optimizer", "adam"], "optimizer must be one of adamw, sgd, got 'adam'"),
+        (["--model", "/no/such/model", "--rule", "npg2"], "rule must be one of pg, npg, got 'npg2'"),
+        (["--model", "/no/such/model", "--predictor", "params"], "predictor must be one of logit, param"),
+        (["--model", "/no/such/model", "--task", "algebra"], "task must be one of arithmetic, countdown, dataset"),
+        (["--model", "/no/such/model", "--method", "entrocraft-x"], "unknown method 'entrocraft-x'"),
+        (["--method-options", "[1, 2]"], "method_options must be a mapping"),
+        (["--calibration-factor", "-1"], "calibration_factor must be >= 0"),
     ],
 )
 def test_bad_input_one_line_errors(tmp_path, capsys, argv, needle):
@@ -176,6 +185,50 @@ def test_config_file_and_flags(tmp_path):
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["steps"] == 1 and saved["samples_per_prompt"] == 8 and saved["lr"] == 0.002
+
+
+def test_method_options_are_a_mapping_in_the_saved_config(tmp_path):
+    code, out = run_cli(tmp_path, "opts", "--steps", "1", "--eval-prompts", "0", "--method", "entropy-bonus",
+                        "--method-options", "{coef: 0.003}")
+    assert code == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method_options"] == {"coef": 0.003}
+    assert "calibration_prior" not in saved and saved["calibration_factor"] == 0.0
+
+
+def test_configs_saved_with_old_names_and_text_options_still_load(tmp_path):
+    """A run directory written before ``calibration_prior`` became ``calibration_factor`` and
+    ``method_options`` a mapping resumes with the same values."""
+    import dataclasses
+
+    from llm.config import TrainConfig, build_parser, config_from_args, load_yaml
+
+    old = {**dataclasses.asdict(TrainConfig(model="smoke")), "method_options": "{coef: 0.003}"}
+    del old["calibration_factor"]
+    old["calibration_prior"] = 2e7
+    cfg = config_from_args(build_parser().parse_args(["--resume", "x"]), base=old)
+    assert cfg.calibration_factor == 2e7 and cfg.method_options == {"coef": 0.003}
+    path = tmp_path / "old.yaml"
+    path.write_text("calibration_prior: 5.0\nmethod_options: ''\n")
+    assert load_yaml(path) == {"calibration_factor": 5.0, "method_options": {}}
+    path.write_text("calibration_prior: 5.0\ncalibration_factor: 6.0\n")
+    with pytest.raises(UserError, match="both 'calibration_prior' and its new name 'calibration_factor'"):
+        load_yaml(path)
+
+
+def test_config_converts_and_checks_itself_when_made():
+    from llm.config import TrainConfig
+
+    cfg = TrainConfig(steps="3", lr="1e-3", plot="no", method="grpo", method_options="{coef: 1}")
+    assert (cfg.steps, cfg.lr, cfg.plot, cfg.method, cfg.method_options) == (3, 1e-3, False, "vanilla", {"coef": 1})
+    with pytest.raises(UserError, match="dataset_errors must be one of skip, error, got 'warn'"):
+        TrainConfig(dataset_errors="warn")
+    with pytest.raises(UserError, match="unknown estimator 'magic'; expected one of grpo"):
+        TrainConfig(estimator="magic")
+    with pytest.raises(UserError, match="--task dataset needs --dataset FILE"):
+        TrainConfig(task="dataset")
 
 
 def test_kl_reference_exact_prediction_and_full_forward(tmp_path):
