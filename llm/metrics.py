@@ -14,7 +14,7 @@ from pathlib import Path
 
 from entrotheory import fit_measured_on_predicted
 
-__all__ = ["summarize", "read_rows", "json_safe", "MetricsLog", "write_summary"]
+__all__ = ["summarize", "measured_pairs", "read_rows", "json_safe", "MetricsLog", "write_summary"]
 
 # the predictions the summary fits the measured change on, and the suffix of their statistics
 PREDICTIONS = {
@@ -37,8 +37,8 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _measured_pairs(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(prediction ``key``, measured change) of every trained step that logged both."""
+def measured_pairs(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """The predictions ``key`` and the measured changes of every trained (not skipped) step that logged both."""
     pairs = [(float(r[key]), float(r["measured_entropy_change"])) for r in rows
              if isinstance(r.get("measured_entropy_change"), (int, float)) and not r.get("skipped")
              and isinstance(r.get(key), (int, float))]
@@ -59,7 +59,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for key, suffix in PREDICTIONS.items():
-        predicted, measured = _measured_pairs(rows, key)
+        predicted, measured = measured_pairs(rows, key)
         if suffix == "":
             out["steps_measured"] = float(len(predicted))
         fit = fit_measured_on_predicted(predicted, measured, line="origin", signs="nonzero")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from entrotheory import fit_measured_on_predicted
 
+from .metrics import measured_pairs
+
 __all__ = ["plot_runs", "main"]
 
 DEFAULT_DPI = 80  # PNG resolution: a 10 x 7 inch figure of 800 x 560 pixels, small enough to commit
@@ -26,12 +28,6 @@ def _series(rows: list[dict], key: str, include_final: bool = False) -> tuple[li
     pts = [(float(r["step"]), float(r[key])) for r in rows
            if _num(r.get(key)) and (include_final or not r.get("final"))]
     return [x for x, _ in pts], [y for _, y in pts]
-
-
-def _pairs(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(float(r[key]), float(r["measured_entropy_change"])) for r in rows
-           if not r.get("skipped") and _num(r.get(key)) and _num(r.get("measured_entropy_change"))]
-    return [p for p, _ in pts], [m for _, m in pts]
 
 
 def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str | None = None,
@@ -65,7 +61,7 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str | None =
         if he:
             ax_h.plot(xe, he, color=color, marker="o", ms=3, ls=":", lw=1, label=f"{label}: held-out entropy")
         for ax, key in ((ax_p, "predicted_entropy_change"), (ax_e, "exact_predicted_entropy_change")):
-            px, my = _pairs(rows, key)
+            px, my = measured_pairs(rows, key)
             if px:
                 r = fit_measured_on_predicted(px, my).correlation
                 ax.scatter(px, my, s=12, color=color, alpha=0.7, label=f"{label} (r = {r:.2f})")

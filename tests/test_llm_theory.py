@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from llm.config import PRESETS, TrainConfig, validate  # noqa: E402
+from llm.config import PRESETS, TrainConfig  # noqa: E402
 from llm.models import make_smoke_model, make_smoke_tokenizer  # noqa: E402
 from llm.rollout import encode_prompts, generate, response_log_probs, response_logits  # noqa: E402
 from llm.train import Trainer  # noqa: E402
@@ -39,8 +39,7 @@ def constructed_rewards(direction: str):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_predicted_and_measured_change_agree_in_sign(tmp_path, optimizer, lr, seed):
     for direction, sign in (("lower", -1.0), ("raise", 1.0)):
-        cfg = validate(TrainConfig(**{**PRESETS["smoke"], "optimizer": optimizer, "lr": lr, "seed": seed,
-                                      "eval_prompts": 0}))
+        cfg = TrainConfig(**{**PRESETS["smoke"], "optimizer": optimizer, "lr": lr, "seed": seed, "eval_prompts": 0})
         row = Trainer(cfg, Path(tmp_path), reward_fn=constructed_rewards(direction)).train_step(0)
         assert row.get("skipped") is None
         assert row["predicted_entropy_change"] * sign > 0, (direction, row)
@@ -73,8 +72,8 @@ def test_prompt_prefix_sharing_matches_full_forward():
 def test_exact_first_order_prediction_matches_measured_change(tmp_path, direction):
     """<dH/dtheta, dtheta> of the actual small SGD update predicts the measured change closely,
     while the per-position (logit-space) prediction has the right sign but a much smaller scale."""
-    cfg = validate(TrainConfig(**{**PRESETS["smoke"], "optimizer": "sgd", "lr": 1e-3, "exact_first_order": True,
-                                  "eval_prompts": 0}))
+    cfg = TrainConfig(**{**PRESETS["smoke"], "optimizer": "sgd", "lr": 1e-3, "exact_first_order": True,
+                         "eval_prompts": 0})
     row = Trainer(cfg, Path(tmp_path), reward_fn=constructed_rewards(direction)).train_step(0)
     measured, exact = row["measured_entropy_change"], row["exact_predicted_entropy_change"]
     assert exact == pytest.approx(measured, rel=0.1)
@@ -83,7 +82,7 @@ def test_exact_first_order_prediction_matches_measured_change(tmp_path, directio
 
 def test_nan_logits_in_the_update_skip_the_step(tmp_path, monkeypatch):
     """NaN/inf logits in the training forward are routed to the NaN-skip path (no exception, no update)."""
-    cfg = validate(TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0}))
+    cfg = TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0})
     trainer = Trainer(cfg, Path(tmp_path))
     before = [p.detach().clone() for p in trainer.params]
     real = Trainer._logits
