@@ -49,7 +49,7 @@ llm.train's entropy instrumentation (its share of the step is recorded): ``token
 the measurement's), ``token_entropy_contributions`` and ``token_mean_entropy_change`` (llm/train.py), the
 method's ``prepare`` (the rejection sampler's selection and plan) and ``policy_entropy`` where the method needs it.
 
-Run (minutes; alone): ``flock -x /work/cpu.lock python -m pytest benchmarks/bench_llm_vs_trl.py --benchmark-only
+Run (minutes; on an otherwise idle machine): ``python -m pytest benchmarks/bench_llm_vs_trl.py --benchmark-only
 -q -s``. Smoke (seconds): ``ENTROCRAFT_BENCH_SMOKE=1 python -m pytest benchmarks/bench_llm_vs_trl.py
 --benchmark-disable -q``; there the rewards are +1 for each group's first sample and -1 for the others (a random
 model rarely answers, and a group of equal rewards has no gradient), and llm.train runs ``vanilla``.
@@ -142,7 +142,7 @@ def ours_config(out_dir: Path) -> TrainConfig:
     """llm.train's default run (the cpu-demo preset: entrocraft-predictive and its schedule) at this size."""
     base = dict(PRESETS["cpu-demo"])
     if SMOKE:
-        base.update(model="smoke", arith_high=4, fewshot=2, method="vanilla", schedule="", calibration_prior=0.0)
+        base.update(model="smoke", arith_high=4, fewshot=2, method="vanilla", schedule="", calibration_factor=0.0)
     base.update(prompts_per_step=PROMPTS, samples_per_prompt=SAMPLES, max_new_tokens=MAX_NEW_TOKENS,
                 micro_batch_size=MICRO_BATCH, lr=LR, optimizer="adamw", weight_decay=0.0, grad_clip=1.0,
                 warmup_steps=0, kl_coef=0.0, ppo_epochs=1, mini_batches=1, temperature=1.0, top_p=1.0,
@@ -307,8 +307,8 @@ class Comparison:
         self.clock.take("ours")
         try:
             t0 = time.perf_counter()
-            override = (lambda roll: torch.tensor(smoke_rewards(roll.tokens.shape[0]))) if SMOKE else None
-            row = self.ours.train_step(step, rewards_override=override)
+            self.ours.reward_fn = (lambda roll: torch.tensor(smoke_rewards(roll.tokens.shape[0]))) if SMOKE else None
+            row = self.ours.train_step(step)
             wall = time.perf_counter() - t0
         finally:
             self.clock.owner = "trl"

@@ -20,6 +20,7 @@ import time
 
 import pytest
 import torch
+from common import record_ratio
 from torch.func import functional_call
 
 from entrotheory import param_space_contributions, preconditioner_from_optimizer
@@ -97,6 +98,9 @@ def test_param_space_cost_ratio(benchmark, setup):
     fractions = {name: best[name] / best["step"] for name in ("fd", "jvp")}
     benchmark.extra_info.update({f"seconds_{k}": v for k, v in best.items()})
     benchmark.extra_info.update({f"fraction_of_step_{k}": v for k, v in fractions.items()})
+    for name, fraction in fractions.items():
+        record_ratio(f"param-space contributions ({name})", fraction,
+                     "time / one AdamW training step (best of 5, interleaved)", f"{ROWS}x{LENGTH} tokens, V={VOCAB}")
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print(f"\nparam-space contributions vs one training step ({ROWS}x{LENGTH} tokens, V={VOCAB}, width {WIDTH}): "
           f"step {best['step'] * 1e3:.1f} ms, fd {best['fd'] * 1e3:.1f} ms ({fractions['fd']:.0%}), "
