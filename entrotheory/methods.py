@@ -463,7 +463,7 @@ class EntrocraftOptions(MethodOptions):
     band: TargetSpec = None
     width: float | None = None
     exact_reference: bool = False
-    k_scale: float = 1.0
+    calibration_factor: float = 1.0
     k_init: float | None = None
     k_min: float | None = None
     k_max: float | None = None

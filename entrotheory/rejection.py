@@ -210,7 +210,7 @@ class SamplerOptions:
     width: float | None = None
     exact_reference: bool = False
     lr: float = 1.0
-    k_scale: float = 1.0
+    calibration_factor: float = 1.0
     k_init: float | None = None
     k_min: float | None = None
     k_max: float | None = None
@@ -224,7 +224,7 @@ class SamplerOptions:
     step_offset: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("lr", "k_scale", "forget", "huber", "offset_prior", "tolerance"):
+        for name in ("lr", "calibration_factor", "forget", "huber", "offset_prior", "tolerance"):
             object.__setattr__(self, name, _as_float(getattr(self, name), name))
         for name in ("width", "k_init", "k_min", "k_max"):
             if getattr(self, name) is not None:
@@ -232,8 +232,9 @@ class SamplerOptions:
         for name in ("exact_reference", "fit_offset"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.k_scale <= 0:
-            raise ValueError(f"lr and k_scale must be > 0, got lr={self.lr}, k_scale={self.k_scale}")
+        if self.lr <= 0 or self.calibration_factor <= 0:
+            raise ValueError(f"lr and calibration_factor must be > 0, got lr={self.lr}, "
+                             f"calibration_factor={self.calibration_factor}")
         if self.tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.unit not in ("sample", "token"):
@@ -270,11 +271,11 @@ class EntropyRejectionSampler:
     width : full band width for a centre schedule (band mode).
     exact_reference : band mode; outside the band train on the raw ``rewards`` (wrong sign
         zeroed) instead of the given advantages, as the released code does. Default False.
-    lr : the optimiser's learning rate; the default effective step is ``k_init = k_scale * lr``.
-    k_scale : default 1.0 (for an LLM the measured/logit-space ratio is ~300-500; calibration
+    lr : the optimiser's learning rate; the default effective step is ``k_init = calibration_factor * lr``.
+    calibration_factor : default 1.0 (for an LLM the measured/logit-space ratio is ~300-500; calibration
         learns it, a better prior only shortens the transient).
     k_init, k_min, k_max, forget, huber, fit_offset, offset_prior : see
-        :class:`StepSizeCalibrator` (defaults ``k_scale * lr``, ``1e-3 k_init``, ``1e4 k_init``,
+        :class:`StepSizeCalibrator` (defaults ``calibration_factor * lr``, ``1e-3 k_init``, ``1e4 k_init``,
         0.9, 3.0, True, 0.1).
     tolerance : predictive mode; a predicted error within ``tolerance`` nats counts as on target
         and the fewest-rejections prefix within it is taken. Default 0 (closest prefix).
@@ -313,7 +314,7 @@ class EntropyRejectionSampler:
         self.band: Band | None = None
         self.schedule: Schedule | None = None
         self._resolve_target(target, total_steps, options.width)
-        k_init = options.k_init if options.k_init is not None else options.lr * options.k_scale
+        k_init = options.k_init if options.k_init is not None else options.lr * options.calibration_factor
         self.calibrator = StepSizeCalibrator(k_init=k_init, k_min=options.k_min, k_max=options.k_max,
                                              forget=options.forget, huber=options.huber,
                                              fit_offset=options.fit_offset, offset_prior=options.offset_prior)

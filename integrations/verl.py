@@ -59,7 +59,7 @@ def entrocraft_options(config: Any) -> dict[str, Any]:
 
     Keys: ``estimator`` (an ``entrotheory.advantages`` name, default ``"grpo"``), ``eps`` (1e-6),
     ``clip_cov`` (``{ratio, lb, ub, seed}`` or None), and any option of the entrotheory method
-    (``band``, ``schedule``, ``total_steps``, ``exact_reference``, ``step_offset``, ``lr``, ``k_scale``...).
+    (``band``, ``schedule``, ``total_steps``, ``exact_reference``, ``step_offset``, ``lr``, ``calibration_factor``...).
     """
     if config is None:
         return {}

@@ -74,10 +74,10 @@ __all__ = ["Trainer", "main", "derive_seed", "summarize", "RewardFn"]
 
 RewardFn = Callable[[Rollout], torch.Tensor]  # this rank's rollout -> rewards [P_local, G] (replaces the task's)
 
-# the rejection sampler's names for its calibration (entrotheory/rejection.py), mapped to the llm's here only:
-# it fits measured ~= offset + k * predicted-per-unit-step from k_init = k_scale * lr, so the calibration
-# factor k / lr (logged as calibration_factor) starts at --calibration-factor; its k is logged as calibration_k
-SAMPLER_CALIBRATION_FACTOR = "k_scale"
+# the rejection sampler's names for its calibration (entrotheory/rejection.py): it fits measured ~= offset +
+# k * predicted-per-unit-step from k_init = calibration_factor * lr, so the calibration factor k / lr (logged as
+# calibration_factor) starts at --calibration-factor; its k itself is logged as calibration_k
+SAMPLER_CALIBRATION_FACTOR = "calibration_factor"
 SAMPLER_STEP_BOUNDS = ("k_min", "k_max")
 SAMPLER_DIAGNOSTICS = {"k": "calibration_k", "predicted_change": "calibrated_predicted_change"}
 # the method diagnostics copied into the step's metrics (under the names of SAMPLER_DIAGNOSTICS)

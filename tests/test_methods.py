@@ -470,7 +470,7 @@ def test_typed_options_build_the_same_method_as_keywords():
     ("vanilla", {"clip_ratio_c": 0.5}, "clip_ratio_c"),
     ("vanilla", {"total_steps": 0}, "total_steps"),
     ("entrocraft-predictive", {"step_offset": -1}, "step_offset"),
-    ("entrocraft-predictive", {"k_scale": 0.0}, "k_scale"),
+    ("entrocraft-predictive", {"calibration_factor": 0.0}, "calibration_factor"),
 ])
 def test_bad_options_name_the_method_and_the_option(name, options, match):
     with pytest.raises((TypeError, ValueError), match=match) as info:
@@ -481,9 +481,9 @@ def test_bad_options_name_the_method_and_the_option(name, options, match):
 def test_sampler_options_typed_and_keyword_agree():
     from entrotheory.rejection import EntropyRejectionSampler, SamplerOptions
 
-    opts = SamplerOptions(lr=0.1, k_scale=2.0, tolerance=0.01)
+    opts = SamplerOptions(lr=0.1, calibration_factor=2.0, tolerance=0.01)
     a = EntropyRejectionSampler("linear:1.0->0.5", mode="predictive", total_steps=10, options=opts)
-    b = EntropyRejectionSampler("linear:1.0->0.5", mode="predictive", total_steps=10, lr=0.1, k_scale=2.0,
+    b = EntropyRejectionSampler("linear:1.0->0.5", mode="predictive", total_steps=10, lr=0.1, calibration_factor=2.0,
                                 tolerance=0.01)
     assert a.calibrator.k == pytest.approx(0.2) and b.calibrator.k == pytest.approx(0.2)
     assert a.options == b.options
