@@ -30,7 +30,13 @@ from .param_space import (
 from .rejection import EntropyRejectionSampler, SamplerOptions, Selection
 from .schedules import Band, Schedule, parse_band, parse_schedule
 from .state_estimate import EntropyStateEstimate, batch_entropy_variance
-from .tokens import TokenEntropyStats, token_entropy_contributions, token_entropy_stats, token_mean_entropy_change
+from .tokens import (
+    TokenEntropyStats,
+    token_entropy_contributions,
+    token_entropy_stats,
+    token_mean_contributions,
+    token_mean_entropy_change,
+)
 
 __all__ = [
     "RULES",
@@ -46,6 +52,7 @@ __all__ = [
     "token_entropy_stats",
     "token_entropy_contributions",
     "token_mean_entropy_change",
+    "token_mean_contributions",
     "ESTIMATORS",
     "compute_advantages",
     "Schedule",

@@ -473,7 +473,6 @@ class EntrocraftOptions(MethodOptions):
     offset_prior: float = 0.1
     tolerance: float = 0.0
     unit: Literal["sample", "token"] = "sample"
-    contribution_norm: Literal["auto", "sum", "mean"] = "auto"
     step_offset: int = 0
 
     def __post_init__(self) -> None:

@@ -220,7 +220,6 @@ class SamplerOptions:
     offset_prior: float = 0.1
     tolerance: float = 0.0
     unit: Literal["sample", "token"] = "sample"
-    contribution_norm: Literal["auto", "sum", "mean"] = "auto"
     step_offset: int = 0
 
     def __post_init__(self) -> None:
@@ -239,8 +238,6 @@ class SamplerOptions:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.unit not in ("sample", "token"):
             raise ValueError(f"unit must be 'sample' or 'token', got {self.unit!r}")
-        if self.contribution_norm not in ("auto", "sum", "mean"):
-            raise ValueError(f"contribution_norm must be 'auto', 'sum' or 'mean', got {self.contribution_norm!r}")
         offset = self.step_offset
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"step_offset must be an int >= 0, got {offset!r}")
@@ -284,13 +281,12 @@ class EntropyRejectionSampler:
     step_offset : int ``>= 0`` added to the caller's step before the schedules are read (default 0). The
         release counts steps from 1 (verl's ``global_steps``): a loop counting from 0 reproduces its band
         with ``step_offset=1``; a loop that passes verl's ``global_steps`` keeps 0.
-    contribution_norm : ``"auto"`` (default), ``"sum"`` or ``"mean"``. The predicted change per
-        unit ``k`` of an accepted set is ``sum(c_accepted) / norm``; ``"auto"`` uses ``norm = 1``
-        for 1-D input (``entropy_change_contributions`` already divides by N) and, for ``[B, T]``
-        input (per-token contributions as ``token_entropy_contributions`` returns them), the square
-        of the batch's masked-token count ``M``: the token-mean entropy of a token-mean loss whose
-        normaliser ``M`` counts rejected tokens too moves by ``sum(c) / M^2`` per unit lr
-        (``token_mean_entropy_change``, docs/theory.md eq. 3.3); ``"mean"`` divides by ``M`` once.
+
+    Contributions (one convention): per unit learning rate of the batch's mean entropy, so that the
+    first-order change of an accepted set is ``lr * sum(c_accepted)``: per sample as
+    :func:`entrotheory.core.entropy_change_contributions` returns them (they carry the 1/N of the mean),
+    per token as :func:`entrotheory.tokens.token_mean_contributions` returns them (the token-mean
+    entropy under a token-mean loss, docs/theory.md eq. 3.3).
     """
 
     def __init__(self, target: object, mode: str = "band", total_steps: int | None = None,
@@ -309,7 +305,6 @@ class EntropyRejectionSampler:
         if self.exact_reference and mode != "band":
             raise ValueError("exact_reference applies to mode='band' only")
         self.unit = options.unit
-        self.contribution_norm = options.contribution_norm
         self.tolerance = options.tolerance
         self.band: Band | None = None
         self.schedule: Schedule | None = None
@@ -392,13 +387,6 @@ class EntropyRejectionSampler:
             return x.reshape(x.shape[0], -1).sum(-1)
         return x.reshape(-1)
 
-    def _norm(self, advantages: Tensor, n_tok: float) -> float:
-        if self.contribution_norm == "sum" or (self.contribution_norm == "auto" and advantages.ndim == 1):
-            return 1.0
-        if self.contribution_norm == "auto":  # token-mean entropy under a token-mean loss: eq. 3.3
-            return max(n_tok, 1.0) ** 2
-        return max(n_tok, 1.0)
-
     # ---------------------------------------------------------------------------- select
     def select(
         self,
@@ -416,7 +404,8 @@ class EntropyRejectionSampler:
         advantages : ``[N]`` per sample, or ``[B, T]`` per token (sequence advantage broadcast).
         entropy : current (token-mean) entropy ``H`` of the batch, before the update.
         step : current step ``t >= 0``; predictive mode aims at ``target(t + 1)``.
-        contributions : first-order contributions per unit learning rate, advantages' shape;
+        contributions : first-order contributions per unit learning rate of the batch's mean entropy
+            (class docstring), advantages' shape;
             required in predictive mode, optional in band mode (then only for diagnostics and calibration).
         mask : bool, advantages' shape; off-mask entries are never accepted.
         rewards : raw rewards ``[N]`` / ``[B]`` (or advantages' shape); needed by ``exact_reference``.
@@ -452,11 +441,10 @@ class EntropyRejectionSampler:
                                  f"{tuple(adv.shape)}")
         elif self.mode == "predictive":
             raise ValueError("predictive mode needs contributions (entrotheory.core.entropy_change_contributions "
-                             "per sample, or entrotheory.tokens.token_entropy_contributions per token)")
+                             "per sample, or entrotheory.tokens.token_mean_contributions per token)")
         item_adv = self._reduce(adv, m)
         pos, neg = (item_adv > 0) & valid, (item_adv < 0) & valid
-        norm = self._norm(adv, n_tok)
-        s = self._reduce(contrib.to(torch.float64), m) / norm if contrib is not None else None
+        s = self._reduce(contrib.to(torch.float64), m) if contrib is not None else None
         k, b = self.calibrator.k, self.calibrator.offset
         diag: dict[str, float | str] = {"mode": self.mode, "entropy": h, "step": float(step), "k": k, "offset": b}
         train_adv = torch.where(m, adv, torch.zeros_like(adv))
@@ -516,7 +504,7 @@ class EntropyRejectionSampler:
                 a64, t64 = adv.to(torch.float64), train_adv.to(torch.float64)
                 known = a64 != 0
                 ratio = torch.where(known, t64 / torch.where(known, a64, torch.ones_like(a64)), torch.zeros_like(a64))
-                s_train = self._reduce(contrib.to(torch.float64) * ratio, m) / norm
+                s_train = self._reduce(contrib.to(torch.float64) * ratio, m)
                 unknown = self._reduce((~known & (t64 != 0)).to(torch.float64), m) > 0
             acc = keep & valid
             n_unknown = int((unknown & acc).sum()) if unknown is not None else 0

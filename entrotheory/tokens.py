@@ -40,6 +40,7 @@ __all__ = [
     "token_entropy_stats",
     "token_entropy_contributions",
     "token_mean_entropy_change",
+    "token_mean_contributions",
     "ENTROPY_BACKENDS",
 ]
 
@@ -349,3 +350,26 @@ def token_mean_entropy_change(contributions: Tensor, mask: Tensor, normalizer: f
     if count == 0:
         return total * 0.0
     return total / (count * norm)
+
+
+def token_mean_contributions(
+    stats: TokenEntropyStats, advantages: Tensor, mask: Tensor | None = None, rule: str = "pg",
+    normalizer: float | None = None,
+) -> Tensor:
+    """Per-token contributions per unit learning rate of the batch's token-mean entropy (eq. 3.3).
+
+    ``c_t / (M N)`` with ``c_t`` from :func:`token_entropy_contributions`, ``M`` the masked positions and
+    ``N`` the loss normaliser (default ``M``), so that for any accepted subset ``S`` of tokens the
+    first-order change of the token-mean entropy is ``lr * sum_{t in S} result_t``; the sum over all tokens
+    equals :func:`token_mean_entropy_change`. This is the convention the entropy methods and the
+    rejection sampler take their ``contributions`` in. Returns float32 ``[...]``, 0 off-mask.
+    """
+    c = token_entropy_contributions(stats, advantages, mask, rule)
+    m = stats.mask if mask is None else mask.to(torch.bool)
+    count = float(m.sum())
+    norm = count if normalizer is None else float(normalizer)
+    if count == 0:
+        return c
+    if not norm > 0:
+        raise ValueError(f"normalizer must be > 0 when tokens are masked in, got {normalizer!r}")
+    return c / (count * norm)

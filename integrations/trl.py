@@ -31,7 +31,7 @@ from trl import GRPOTrainer
 
 from entrotheory.advantages import compute_advantages
 from entrotheory.methods import EntropyMethod, make_method, masked_token_mean
-from entrotheory.tokens import TokenEntropyStats, token_entropy_contributions, token_mean_entropy_change
+from entrotheory.tokens import TokenEntropyStats, token_mean_contributions
 
 __all__ = ["EntrocraftGRPOTrainer", "SUPPORTED_METHODS", "STATE_FILE"]
 
@@ -124,14 +124,13 @@ class EntrocraftGRPOTrainer(GRPOTrainer):
         if measured is not None:
             self.entrocraft.observe(measured)
         stats = TokenEntropyStats(lp, h_tok, torch.zeros_like(lp), mask)
-        contrib = token_entropy_contributions(stats, adv, mask, rule="npg")
+        contrib = token_mean_contributions(stats, adv, mask, rule="npg")
         plan = self.entrocraft.prepare(adv, lp, lp, mask, h, int(self.state.global_step), contributions=contrib,
                                        rewards=rewards)
         trained = plan.advantages if plan.detach is None else torch.where(plan.detach, 0.0, plan.advantages)
         # first-order (logit-space, npg) change of the token-mean entropy per step at TRL's learning rate
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
-        c_plan = token_entropy_contributions(stats, trained, mask, rule="npg")
-        predicted = lr * float(token_mean_entropy_change(c_plan, mask))
+        predicted = lr * float(token_mean_contributions(stats, trained, mask, rule="npg").sum())
         metrics = self._metrics["train"]
         metrics["entrocraft/entropy"].append(h)
         metrics["entrocraft/predicted_entropy_change"].append(predicted)

@@ -40,7 +40,7 @@ from verl.trainer.ppo import core_algos
 
 from entrotheory.advantages import compute_group_advantages
 from entrotheory.methods import EntropyMethod, make_method
-from entrotheory.tokens import TokenEntropyStats, token_entropy_contributions
+from entrotheory.tokens import TokenEntropyStats, token_mean_contributions
 
 __all__ = ["ESTIMATOR_NAMES", "EntrocraftAdvantage", "EntrocraftTrainerMixin", "entrocraft_options", "feed_batch",
            "get_controller", "reset_controllers"]
@@ -155,7 +155,7 @@ class EntrocraftAdvantage:
             contrib = None
             if old is not None and tok_h is not None:
                 stats = TokenEntropyStats(old.float(), tok_h.float(), torch.zeros_like(old, dtype=torch.float32), mask)
-                contrib = token_entropy_contributions(stats, adv.float(), mask, rule="npg").to(adv.dtype)
+                contrib = token_mean_contributions(stats, adv.float(), mask, rule="npg").to(adv.dtype)
             elif self.method.needs_contributions:
                 raise ValueError(f"{self.name} needs the per-token entropy and old log-probs of the batch "
                                  "(feed_batch(..., token_entropy=, old_log_probs=) or EntrocraftTrainerMixin)")

@@ -10,7 +10,7 @@ One step (reads top to bottom in :meth:`Trainer.train_step`):
 1. sample: ``G`` responses for each of ``P`` prompts (KV-cached, the prompt run once per group),
    collecting per-token statistics (log-prob, entropy, pg baseline) from the sampling logits; rewards ->
    advantages (``entrotheory.advantages``);
-2. plan: per-token contributions to the entropy change (``entrotheory.token_entropy_contributions``, or
+2. plan: per-token contributions to the entropy change (``entrotheory.token_mean_contributions``, or
    the parameter-space ones of ``--predictor param``) -> ``method.prepare`` over the WHOLE batch
    (rejection sampling, covariance selections, ...) and the predicted change;
 3. update: ``ppo_epochs`` x ``mini_batches`` optimiser steps, each accumulating the method's token loss
@@ -45,9 +45,8 @@ import torch
 
 from entrotheory import (
     TokenEntropyStats,
-    token_entropy_contributions,
     token_entropy_stats,
-    token_mean_entropy_change,
+    token_mean_contributions,
 )
 from entrotheory import entropy as policy_entropy
 from entrotheory.advantages import compute_advantages
@@ -710,13 +709,13 @@ class Trainer:
         control, extra = self._control_entropy(batch, entropy)
         drift = 0.0
         if batch.param is not None:
-            # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the sampler's convention is
-            # per unit lr of the token-mean change times M^2 (docs/theory.md eq. 3.3), so that k ~ lr
+            # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the methods take contributions
+            # per unit lr of the batch's token-mean entropy (docs/theory.md §4.4), so that k ~ lr
             drift = batch.param.drift
-            contrib = adv_tok * batch.param.directional * (scale / n_tok) * (n_tok ** 2 / lr_now)
+            contrib = adv_tok * batch.param.directional * (scale / n_tok) / lr_now
             extra["predicted_drift"] = drift
         else:
-            contrib = token_entropy_contributions(stats, adv_tok, mask, rule=cfg.rule) * scale
+            contrib = token_mean_contributions(stats, adv_tok, mask, rule=cfg.rule, normalizer=n_tok) * scale
         # the known drift is moved to the entropy side: the sampler chooses samples for target - H - drift
         plan = self.method.prepare(advantages=adv_tok, log_probs=stats.log_prob, old_log_probs=stats.log_prob,
                                    mask=mask, entropy=control + drift, step=step, contributions=contrib,
@@ -725,8 +724,8 @@ class Trainer:
         self.last_accepted_fraction = max(accepted, MIN_ACCEPTED_FRACTION)
         # per-position (logit-space) prediction of the token-mean entropy change for the advantages actually
         # trained on, under the token-mean loss with the whole batch's normaliser (docs/theory.md eq. 3.3)
-        c_plan = token_entropy_contributions(stats, plan.advantages, mask, rule=cfg.rule) * scale
-        logit_pred = lr_now * float(token_mean_entropy_change(c_plan, mask, n_tok))
+        c_plan = token_mean_contributions(stats, plan.advantages, mask, rule=cfg.rule, normalizer=n_tok) * scale
+        logit_pred = lr_now * float(c_plan.sum())
         if batch.param is None:
             return _Planned(plan, entropy, lr_now, extra, logit_pred, None)
         # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t

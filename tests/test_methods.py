@@ -36,7 +36,7 @@ def entropy_change(method, logits=LOGITS, actions=ACTIONS, adv=REWARDS, lr=0.1, 
     for s in range(steps):
         old = torch.log_softmax(z, -1)[actions].unsqueeze(-1)
         h = float(entropy(z))
-        contrib = entropy_change_contributions(z, actions, adv, "pg").unsqueeze(-1) * b
+        contrib = entropy_change_contributions(z, actions, adv, "pg").unsqueeze(-1)  # per unit lr of H
         plan = method.prepare(adv.unsqueeze(-1), old, old, mask, h, step + s, contributions=contrib,
                               rewards=adv)
         if plan.skip:

@@ -133,7 +133,7 @@ def test_exact_reference_diagnostics_and_prediction_follow_the_trained_advantage
     mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False], [True, True, True]])
     tok = band_sampler(exact_reference=True)
     sel = tok.select(adv_t, 0.9, 0, contributions=-adv_t * phi, mask=mask, rewards=r2)
-    expect = float((-sel.advantages * phi)[mask].sum()) / int(mask.sum()) ** 2
+    expect = float((-sel.advantages * phi)[mask].sum())  # contributions are summed as given (per unit lr)
     assert sel.diagnostics["predicted_change"] == pytest.approx(tok.k * expect, rel=1e-12)
 
 
@@ -205,21 +205,36 @@ def test_predictive_rising_rejects_the_most_negative_first():
     assert sel.accepted.tolist() == [False, True, True, True] and sel.diagnostics["saturated"] == 0.0
 
 
-def test_predictive_token_input_is_normalised_by_masked_tokens():
+def test_predictive_token_input_sums_the_masked_contributions():
     adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     mask = torch.tensor([[True, True], [True, False]])
     c = torch.tensor([[-0.3, -0.3], [0.3, 9.0]])  # the off-mask 9.0 must be ignored
     s = EntropyRejectionSampler("constant:2.0", mode="predictive", total_steps=10)
-    # token-mean entropy under a token-mean loss over M = 3 masked tokens: sum(c) / M^2 (eq. 3.3)
-    sel = s.select(adv, 2.0, 0, contributions=c, mask=mask)  # desired 0: keep both (sum -0.3/9)
-    assert sel.diagnostics["predicted_change_all"] == pytest.approx(-0.3 / 9)
-    assert sel.diagnostics["predicted_change_all"] == pytest.approx(
-        float(et.token_mean_entropy_change(c, mask)))
+    # contributions per unit lr of the token-mean entropy: an accepted set predicts the sum of its masked ones
+    sel = s.select(adv, 2.0, 0, contributions=c, mask=mask)  # desired 0: rejecting row 0 gives +0.3, a tie
+    assert sel.diagnostics["predicted_change_all"] == pytest.approx(-0.3)
     assert sel.accepted.tolist() == [[True, True], [True, False]]
     tok = EntropyRejectionSampler("constant:2.0", mode="predictive", total_steps=10, unit="token")
     sel = tok.select(adv, 2.0, 0, contributions=c, mask=mask)
-    # per token: sum -0.3/9; rejecting one -0.3/9 token reaches exactly 0
+    # per token: sum -0.3; rejecting one -0.3 token reaches exactly 0
     assert int(sel.accepted.sum()) == 2 and sel.diagnostics["predicted_change"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_token_mean_contributions_are_the_token_mean_change_per_unit_lr():
+    """token_mean_contributions sums to token_mean_entropy_change over any set, with any normaliser."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 20, generator=g)
+    tokens = torch.randint(0, 20, (3, 4), generator=g)
+    mask = torch.rand(3, 4, generator=g) > 0.3
+    adv = torch.randn(3, generator=g)
+    stats = et.token_entropy_stats(logits, tokens, mask)
+    raw = et.token_entropy_contributions(stats, adv)
+    per_lr = et.token_mean_contributions(stats, adv)
+    assert float(per_lr.sum()) == pytest.approx(float(et.token_mean_entropy_change(raw, mask)), rel=1e-6)
+    per_lr_n = et.token_mean_contributions(stats, adv, normalizer=50.0)
+    assert float(per_lr_n.sum()) == pytest.approx(float(et.token_mean_entropy_change(raw, mask, 50.0)), rel=1e-6)
+    with pytest.raises(ValueError, match="normalizer"):
+        et.token_mean_contributions(stats, adv, normalizer=0.0)
 
 
 @given(

@@ -81,12 +81,10 @@ DIAGNOSTIC_KEYS = (
 
 
 def method_options(config: TrainConfig) -> dict[str, Any]:
-    """Options given to ``make_method``: the loop's ``rule``, ``lr`` and ``total_steps``, and, for
-    Entrocraft, ``contribution_norm="sum"`` (the loop's contributions are already per unit lr of
-    the batch's token-mean entropy, see the module docstring); ``config.method_options`` win."""
+    """Options given to ``make_method``: the loop's ``rule``, ``lr`` and ``total_steps``; ``config.method_options``
+    win. The loop's contributions are per unit lr of the batch's token-mean entropy (module docstring), the
+    convention every method takes them in."""
     opts: dict[str, Any] = {"rule": config.rule, "lr": config.lr, "total_steps": config.steps}
-    if config.method is not None and config.method.startswith("entrocraft"):
-        opts["contribution_norm"] = "sum"
     return opts | dict(config.method_options)
 
 
