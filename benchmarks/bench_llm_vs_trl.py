@@ -46,7 +46,7 @@ Phases, timed by wrapping, from this module, the functions each trainer calls (n
 
 llm.train's entropy instrumentation (its share of the step is recorded): ``token_entropy_stats`` while sampling
 (llm/rollout.py) and on the training forward's logits (llm/train.py, with gradients enabled; without them it is
-the measurement's), ``token_entropy_contributions`` and ``token_mean_entropy_change`` (llm/train.py), the
+the measurement's), ``token_mean_contributions`` (llm/train.py), the
 method's ``prepare`` (the rejection sampler's selection and plan) and ``policy_entropy`` where the method needs it.
 
 Run (minutes; on an otherwise idle machine): ``python -m pytest benchmarks/bench_llm_vs_trl.py --benchmark-only
@@ -246,8 +246,8 @@ class Comparison:
                                                                 "stats_sampling"))
         mp.setattr(llm.train, "token_entropy_stats", c.timed(_require(llm.train, "token_entropy_stats"),
                                                               measure_or("stats_training_forward")))
-        for name in ("token_entropy_contributions", "token_mean_entropy_change"):
-            mp.setattr(llm.train, name, c.timed(_require(llm.train, name), "contributions"))
+        mp.setattr(llm.train, "token_mean_contributions",
+                   c.timed(_require(llm.train, "token_mean_contributions"), "contributions"))
         mp.setattr(llm.train, "policy_entropy", c.timed(_require(llm.train, "policy_entropy"), "policy_entropy"))
         mp.setattr(self.ours.method, "prepare", c.timed(_require(self.ours.method, "prepare"), "method_prepare"))
         # both
