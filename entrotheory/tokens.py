@@ -92,7 +92,7 @@ def token_entropy_stats(
         float32 temporary holds about 2^19 elements (2 MiB) and stays in cache.
     backend : one of :data:`ENTROPY_BACKENDS` (module docstring). ``"compiled"`` and ``"triton"``
         fall back to ``"torch"`` with a warning when they cannot run here (no C++ compiler, no
-        Triton, no GPU); the three agree to float32 rounding (``tests/test_token_stats.py``).
+        Triton, no GPU); the three agree to float32 rounding (``tests/test_token_stats_backends.py``).
 
     Raises ``ValueError`` for NaN/inf logits at masked-in positions, tokens out of range and
     mismatched shapes, whatever the backend.
@@ -185,24 +185,21 @@ def _stats_torch(logits: Tensor, flat_tokens: Tensor, rows: Tensor, out: Tensor,
         out[2, idx] = m2 + h * q
 
 
-def fused_row_stats(flat: Tensor, row_start: Tensor, token: Tensor, vocab: int, stride_v: int
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused statistics of the rows ``flat[row_start[r] + stride_v * b]``, ``b < vocab`` (eq. 3.1a).
+def fused_row_stats(table: Tensor, row_index: Tensor, token: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused statistics of the rows ``table[row_index[r]]`` of a ``[n, V]`` table (eq. 3.1a).
 
     With ``z_b = x_b - max x`` and ``e_b = exp(z_b)`` (one ``exp`` per logit), four sums
     ``S0 = sum e``, ``S1 = sum e z``, ``S2 = sum e^2``, ``S3 = sum e^2 z`` give everything:
     ``log pi(y) = z_y - log S0``, ``H = log S0 - S1 / S0``, ``sum pi^2 = S2 / S0^2``,
     ``sum pi^2 log pi = (S3 - S2 log S0) / S0^2``, and the baseline ``sum pi^2 log pi + H sum pi^2``.
 
-    ``flat`` is a 1-D view of the logits' storage and ``row_start`` ``[R]`` the element offset of each
-    row, so every layout (strided slices, masked rows, any number of leading dims) is one compiled
-    graph per dtype. Written so that ``torch.compile`` fuses it into one max pass and one accumulation
-    pass over each row with no ``[R, V]`` temporary; eager execution gives the same numbers (slowly).
-    A NaN or inf logit makes the row's outputs NaN (``0 * inf``), which the caller turns into an error.
-    Returns three float32 ``[R]`` tensors.
+    ``table`` is a 2-D view of the logits' storage with unit stride along V (:func:`_row_table`), so strided
+    slices, masked rows and any number of leading dims are one compiled graph per dtype. Written so that
+    ``torch.compile`` fuses it into one max pass and one accumulation pass over each row with no ``[R, V]``
+    temporary; eager execution gives the same numbers (slowly). A NaN or inf logit makes the row's outputs
+    NaN (``0 * inf``), which the caller turns into an error. Returns three float32 ``[R]`` tensors.
     """
-    cols = torch.arange(vocab, device=flat.device) * stride_v
-    rows = flat[row_start.unsqueeze(-1) + cols].float()
+    rows = table[row_index].float()
     z = rows - rows.amax(-1, keepdim=True)
     e = torch.exp(z)
     s0 = e.sum(-1)
@@ -218,17 +215,37 @@ def fused_row_stats(flat: Tensor, row_start: Tensor, token: Tensor, vocab: int, 
     return log_prob, entropy, baseline
 
 
+def _row_table(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``logits``' rows as ``(table [n, V], row_index)`` over the same storage (no copy), or None.
+
+    The table's rows are ``pitch`` elements apart (the smallest stride of the leading dims), so that every
+    row of ``logits`` is a row of the table; it exists when the vocabulary dim has unit stride and every
+    leading stride is a multiple of the pitch (contiguous tensors and the usual ``logits[:, :-1]`` slice).
+    The table is a fresh tensor on the storage, not a view: a view's ``_base`` would make torch.compile guard
+    on (and recompile for) every layout of the original logits."""
+    vocab = logits.shape[-1]
+    lead = [(n, st) for n, st in zip(logits.shape[:-1], logits.stride()[:-1]) if n > 1]
+    if logits.stride(-1) != 1 and vocab > 1:
+        return None
+    pitch = min((st for _, st in lead), default=vocab)
+    if pitch < vocab or any(st % pitch for _, st in lead):
+        return None
+    _, offset = _row_offsets(logits, rows)
+    n = 1 + sum((size - 1) * st for size, st in lead) // pitch
+    table = torch.empty(0, dtype=logits.dtype, device=logits.device).set_(
+        logits.untyped_storage(), logits.storage_offset(), (n, vocab), (pitch, 1))
+    return table, offset // pitch
+
+
 _COMPILE_STATE: dict[str, object] = {"ok": None, "fn": None}
 
 
 def _row_offsets(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """A 1-D view of ``logits``' storage span (no copy) and the element offset of each flat row index."""
+    """A 1-D tensor over ``logits``' storage span (no copy) and the element offset of each flat row index."""
     lead = logits.shape[:-1]
     if any(st < 0 for st in logits.stride()):
         raise ValueError("logits with negative strides are not supported")
     span = 1 + sum((n - 1) * st for n, st in zip(logits.shape, logits.stride()))
-    # a fresh tensor on the same storage, not a view: a view's ``_base`` would make torch.compile guard on
-    # (and recompile for) every layout of the original logits
     flat = torch.empty(0, dtype=logits.dtype, device=logits.device).set_(
         logits.untyped_storage(), logits.storage_offset(), (span,), (1,))
     offset = torch.zeros_like(rows)
@@ -244,10 +261,12 @@ def _run_compiled(logits: Tensor, flat_tokens: Tensor, rows: Tensor, out: Tensor
         return False
     if _COMPILE_STATE["fn"] is None:
         _COMPILE_STATE["fn"] = torch.compile(fused_row_stats, dynamic=True)
-    flat, row_start = _row_offsets(logits, rows)
+    layout = _row_table(logits, rows)
+    if layout is None:  # an exotic layout: the torch path
+        return False
+    table, row_index = layout
     try:
-        log_prob, entropy, baseline = _COMPILE_STATE["fn"](flat, row_start, flat_tokens[rows].long(),
-                                                           logits.shape[-1], logits.stride(-1))
+        log_prob, entropy, baseline = _COMPILE_STATE["fn"](table, row_index, flat_tokens[rows].long())
     except Exception as exc:  # no C++ compiler, unsupported platform: keep the torch path
         _COMPILE_STATE["ok"] = False
         warnings.warn(f"token_entropy_stats: the compiled kernel is unavailable here ({type(exc).__name__}: "

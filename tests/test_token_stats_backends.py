@@ -52,8 +52,9 @@ def test_fused_formula_equals_the_torch_path(scale):
     logits, tokens, _ = make(0, scale=scale)
     sliced, tok = logits[:, 1:], tokens[:, 1:]  # strided rows: the offsets must follow the strides
     rows = torch.arange(tok.numel())
-    flat, start = tokens_module._row_offsets(sliced, rows)
-    lp, h, base = tokens_module.fused_row_stats(flat, start, tok.reshape(-1), sliced.shape[-1], sliced.stride(-1))
+    table, row_index = tokens_module._row_table(sliced, rows)
+    assert table.shape == (logits.shape[0] * logits.shape[1] - 1, logits.shape[-1])
+    lp, h, base = tokens_module.fused_row_stats(table, row_index, tok.reshape(-1))
     ref = et.token_entropy_stats(sliced, tok, backend="torch")
     tol = tolerance(logits)
     assert float((lp - ref.log_prob.reshape(-1)).abs().max()) <= tol
@@ -72,6 +73,8 @@ def test_compiled_backend_matches_the_torch_path(dtype):
         (logits[0, 0], tokens[0, 0], None),  # one position
         (logits.reshape(3, 3, 3, 1000), tokens.reshape(3, 3, 3), mask.reshape(3, 3, 3)),  # 4-D
         (logits, tokens, torch.zeros_like(mask)),  # nothing masked in
+        (logits.transpose(0, 1), tokens.T, mask.T),  # leading dims transposed: still rows of one table
+        (logits[:, :, ::2], tokens % 500, None),  # vocabulary strided: no table, the torch path
     ]
     for x, y, m in cases:
         ref = et.token_entropy_stats(x, y, m, backend="torch")
