@@ -85,3 +85,13 @@ def test_tracking_error_of_a_run_on_its_schedule_is_zero():
     assert shifted["std"] == pytest.approx(0.0, abs=1e-6)
     cut = gen["truncate"]([{"step": t, "entropy": 1.0, "probe_entropy": 0.5} for t in range(6)], 4)
     assert [r["step"] for r in cut] == [0, 1, 2, 3, 4] and cut[-1] == {"step": 4, "final": True, "probe_entropy": 0.5}
+
+
+def test_performance_page_shows_the_saved_benchmark_table():
+    """docs/performance.md quotes, line for line, the table benchmarks/conftest.py wrote for the run it describes."""
+    saved = (ROOT / "docs" / "data" / "benchmark_results.md").read_text().splitlines()
+    rows = [line for line in saved if line.startswith("|")]
+    assert len(rows) > 20  # header rows plus the groups and the recorded ratios of a full run
+    page = (ROOT / "docs" / "performance.md").read_text().splitlines()
+    missing = [row for row in rows if row not in page]
+    assert not missing, missing[:3]
