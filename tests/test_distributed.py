@@ -52,7 +52,17 @@ def rows(run_dir: Path) -> list[dict]:
 
 # differences of two float32 token-mean entropies of ~2.7 nats over batches summed in another order: a few
 # ulp of 2.7 (2.4e-7 each) apart; their ratio to a prediction is compared through its two parts
-DIFFERENCES = {"measured_entropy_change": 2e-6, "kl_old_new": 2e-6}
+DIFFERENCES = {"measured_entropy_change": 2e-6, "kl_old_new": 2e-6,
+               # the spread (std ~0.01 nat) of float32 entropies of ~2.7 nats from differently batched logits:
+               # their ~1e-6 relative rounding grows ~300x in the std, and the entropy estimate built on it moves
+               # the sampler's calibrated prediction of its chosen prefix (same prefix: the decisions are compared
+               # exactly)
+               "batch_entropy_std": 1e-6, "estimate_gain": 1e-5, "entropy_estimate_std": 1e-6,
+               "calibrated_predicted_change": 2e-5,
+               # parameter-space predictions are inner products of float32 gradients whose terms cancel, and
+               # torchrun's workers run one thread where the single process runs two (another summation order):
+               # a few ulp (float32) of their largest term, the ~0.2-nat drift
+               "predicted_entropy_change": 2e-6, "predicted_drift": 2e-6}
 DERIVED = {"measured_over_predicted"}
 
 
