@@ -41,6 +41,7 @@ __all__ = [
     "sgd_preconditioner",
     "adam_preconditioner",
     "preconditioner_from_optimizer",
+    "optimizer_step_direction",
     "log_prob_tangent",
     "masked_mean_entropy",
     "entropy_param_gradient",
@@ -184,6 +185,13 @@ def _per_model(x: float | Tensor, like: Tensor, name: str) -> Tensor:
     return torch.as_tensor(float(x), dtype=like.dtype, device=like.device)
 
 
+def _adam_frozen_gain(v: Tensor, taken: Tensor, lr: float, b1: float, b2: float, eps: float) -> Tensor:
+    """``lr (1 - b1) / bc1 P`` with ``vhat = v / (1 - b2^taken)`` held fixed (eq. 5.2), on one new tensor:
+    ``P = 1 / (sqrt(vhat) + eps) = r / (sqrt(v) + eps r)`` with ``r = sqrt(1 - b2^taken)``."""
+    r = (1 - b2**taken).sqrt()
+    return v.sqrt().add_(eps * r).reciprocal_().mul_(lr * (1 - b1) / (1 - b1 ** (taken + 1)) * r)
+
+
 def adam_preconditioner(
     params: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], steps_taken: float | Tensor,
     lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -250,10 +258,8 @@ def adam_preconditioner(
                     "sign-like (dtheta ~ -lr sign(g)) and has no first-order per-token form without the step's "
                     "own gradient; take a warm-up step, or pass grads= after the backward pass"
                 )
-            vhat = v / (1 - b2**taken)
-            precond = 1.0 / (vhat.sqrt() + eps)
-            gain = lr * (1 - b1) / bc1 * precond
-            drift = -lr * b1 / bc1 * precond * m
+            gain = _adam_frozen_gain(v, taken, lr, b1, b2, eps)
+            drift = gain * m * (-b1 / (1 - b1))  # -lr b1 / bc1 P m
             if wd:
                 drift = drift - (lr * wd * p if decoupled_weight_decay else gain * wd * p)
         else:
@@ -328,6 +334,89 @@ def preconditioner_from_optimizer(
     return StepPreconditioner(
         kinds.pop(), tuple(x.gain[0] for x in parts), tuple(x.drift_step[0] for x in parts),
         exact=all(x.exact for x in parts))
+
+
+# elements per piece of the one-parameter-at-a-time Adam map: small enough for the piece's temporaries to stay in
+# a core's cache (1 MiB of float32), large enough that the per-op overhead is negligible
+STEP_DIRECTION_CHUNK = 2**18
+
+
+def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupled: bool, g0: Tensor | None,
+                         linearize_v: bool) -> tuple[Tensor, float]:
+    """``G v`` and ``<v, drift_step>`` of one Adam/AdamW parameter, piece by piece (the same expressions as
+    :func:`adam_preconditioner`, eq. 5.2 with ``vhat`` frozen, eq. 5.2b linearised about ``g0``)."""
+    lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    taken = float(state["step"])
+    bc1, bc2 = 1 - b1 ** (taken + 1), 1 - b2 ** (taken + 1)
+    flat = {k: x.detach().reshape(-1) for k, x in
+            (("p", p), ("vec", v), ("m", state["exp_avg"]), ("v2", state["exp_avg_sq"]), ("g0", g0)) if x is not None}
+    out = torch.empty_like(flat["vec"])
+    drift = 0.0
+    r = math.sqrt(1 - b2**taken) if g0 is None else 0.0
+    for lo in range(0, out.numel(), STEP_DIRECTION_CHUNK):
+        c = {k: x[lo:lo + STEP_DIRECTION_CHUNK] for k, x in flat.items()}
+        d = out[lo:lo + STEP_DIRECTION_CHUNK]
+        if g0 is None:
+            # P = 1 / (sqrt(vhat) + eps) = r / (sqrt(v) + eps r); drift_step = -lr b1 / bc1 P m (- wd terms)
+            torch.sqrt(c["v2"], out=d).add_(eps * r).reciprocal_().mul_(lr * (1 - b1) / bc1 * r).mul_(c["vec"])
+            drift -= b1 / (1 - b1) * float(torch.dot(d, c["m"]))
+            if wd:
+                drift -= (lr * wd * float(torch.dot(c["vec"], c["p"])) if decoupled
+                          else wd * float(torch.dot(d, c["p"])))
+            continue
+        u0 = c["g0"] if (decoupled or not wd) else c["g0"] + wd * c["p"]
+        root = (u0 * u0).mul_((1 - b2) / bc2).add_(c["v2"], alpha=b2 / bc2).sqrt_()
+        precond = (root + eps).reciprocal_()
+        numer = torch.add(u0, c["m"], alpha=b1 / (1 - b1)).mul_(1 - b1)  # b1 m + (1 - b1) u0
+        # gain = lr / bc1 [(1 - b1) P - numer P^2 (1 - b2) u0 / (bc2 root)] (the second term with linearize_v)
+        if linearize_v:
+            root.clamp_(min=torch.finfo(root.dtype).tiny)  # root = 0 only where u0 = 0: the term is 0 there
+            term = (numer * precond).mul_(u0).div_(root).mul_(-(1 - b2) / bc2).add_(1 - b1)
+            torch.mul(term, precond, out=d)
+        else:
+            torch.mul(precond, 1 - b1, out=d)
+        d.mul_(lr / bc1).mul_(c["vec"])
+        # <v, drift_step> with drift_step = step0 + gain g0 (- lr wd theta decoupled), step0 = -lr / bc1 numer P
+        drift += float(torch.dot(d, c["g0"])) - lr / bc1 * float(torch.dot(numer.mul_(precond), c["vec"]))
+        if wd and decoupled:
+            drift -= lr * wd * float(torch.dot(c["vec"], c["p"]))
+    return out.view_as(v), drift
+
+
+def optimizer_step_direction(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vector: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None, linearize_v: bool = True,
+) -> tuple[tuple[Tensor, ...], float]:
+    """``G v`` and ``<v, drift_step>`` of the optimiser's coming step for a vector ``v`` (eq. 5.2, 5.3).
+
+    The same map as :func:`preconditioner_from_optimizer` (``grads``, ``linearize_v`` as there), built one
+    parameter at a time and, for Adam/AdamW, one cache-sized piece at a time, so that the gains and drifts
+    of the whole model are never held: with ``v = grad Hbar`` this gives the direction ``G grad Hbar`` of the
+    per-token contributions and the drift ``<grad Hbar, drift_step>`` (nats, summed in float64), at the
+    memory of the direction itself.
+    """
+    params = _check_params(params)
+    vector = _matching(vector, params, "vector")
+    g_all = _matching(grads, params, "grads")
+    group_of = {id(q): group for group in optimizer.param_groups for q in group["params"]}
+    direction, drift = [], 0.0
+    for p, v, g in zip(params, vector, g_all):
+        if v is None:
+            raise ValueError(f"vector needs one tensor of each parameter's shape {tuple(p.shape)}")
+        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
+        if (isinstance(optimizer, torch.optim.Adam) and group is not None and "exp_avg_sq" in state
+                and (g is not None or float(state["step"]) > 0)
+                and not group.get("maximize") and not group.get("amsgrad")):
+            decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+            d, inner = _adam_step_direction(p, v, state, group, decoupled, g, linearize_v)
+            direction.append(d)
+            drift += inner
+            continue
+        one = preconditioner_from_optimizer(optimizer, [p], None if g is None else [g], linearize_v)
+        direction.append(one.gain[0] * v)
+        if one.drift_step[0] is not None:
+            drift += float(first_order_entropy_change([v], [one.drift_step[0]]))
+    return tuple(direction), drift
 
 
 # ----------------------------------------------------------------------------- tensor primitives
@@ -456,8 +545,10 @@ def first_order_entropy_change(entropy_grad: Sequence[Tensor], delta: Sequence[T
     for g, d in zip(entropy_grad, delta):
         if g.shape != d.shape:
             raise ValueError(f"gradient shape {tuple(g.shape)} != step shape {tuple(d.shape)}")
-        prod = g.double() * d.double()
-        part = prod.reshape(prod.shape[0], -1).sum(1) if batch_dims else prod.sum()
+        # the product in the operands' dtype, the sum in float64 (no float64 copies of the model)
+        prod = g * d
+        part = (prod.reshape(prod.shape[0], -1).sum(1, dtype=torch.float64) if batch_dims
+                else prod.sum(dtype=torch.float64))
         total = part if total is None else total + part
     return total
 
