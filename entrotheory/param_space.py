@@ -336,8 +336,9 @@ def preconditioner_from_optimizer(
         exact=all(x.exact for x in parts))
 
 
-# elements per piece of the one-parameter-at-a-time Adam map: small enough for the piece's temporaries to stay in
-# a core's cache (1 MiB of float32), large enough that the per-op overhead is negligible
+# elements per piece of the one-parameter-at-a-time Adam map on the CPU: small enough for the piece's temporaries to
+# stay in a core's cache (1 MiB of float32), large enough that the per-op overhead is negligible (on a GPU a
+# parameter is one piece)
 STEP_DIRECTION_CHUNK = 2**18
 
 
@@ -351,18 +352,22 @@ def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupl
     flat = {k: x.detach().reshape(-1) for k, x in
             (("p", p), ("vec", v), ("m", state["exp_avg"]), ("v2", state["exp_avg_sq"]), ("g0", g0)) if x is not None}
     out = torch.empty_like(flat["vec"])
-    drift = 0.0
+    drift = torch.zeros((), dtype=torch.float64, device=out.device)  # read once at the end (no sync per piece)
     r = math.sqrt(1 - b2**taken) if g0 is None else 0.0
-    for lo in range(0, out.numel(), STEP_DIRECTION_CHUNK):
-        c = {k: x[lo:lo + STEP_DIRECTION_CHUNK] for k, x in flat.items()}
-        d = out[lo:lo + STEP_DIRECTION_CHUNK]
+    chunk = STEP_DIRECTION_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
+
+    def dot(x: Tensor, y: Tensor) -> Tensor:
+        return torch.dot(x, y).to(torch.float64)
+
+    for lo in range(0, out.numel(), chunk):
+        c = {k: x[lo:lo + chunk] for k, x in flat.items()}
+        d = out[lo:lo + chunk]
         if g0 is None:
             # P = 1 / (sqrt(vhat) + eps) = r / (sqrt(v) + eps r); drift_step = -lr b1 / bc1 P m (- wd terms)
             torch.sqrt(c["v2"], out=d).add_(eps * r).reciprocal_().mul_(lr * (1 - b1) / bc1 * r).mul_(c["vec"])
-            drift -= b1 / (1 - b1) * float(torch.dot(d, c["m"]))
+            drift -= b1 / (1 - b1) * dot(d, c["m"])
             if wd:
-                drift -= (lr * wd * float(torch.dot(c["vec"], c["p"])) if decoupled
-                          else wd * float(torch.dot(d, c["p"])))
+                drift -= lr * wd * dot(c["vec"], c["p"]) if decoupled else wd * dot(d, c["p"])
             continue
         u0 = c["g0"] if (decoupled or not wd) else c["g0"] + wd * c["p"]
         root = (u0 * u0).mul_((1 - b2) / bc2).add_(c["v2"], alpha=b2 / bc2).sqrt_()
@@ -377,10 +382,10 @@ def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupl
             torch.mul(precond, 1 - b1, out=d)
         d.mul_(lr / bc1).mul_(c["vec"])
         # <v, drift_step> with drift_step = step0 + gain g0 (- lr wd theta decoupled), step0 = -lr / bc1 numer P
-        drift += float(torch.dot(d, c["g0"])) - lr / bc1 * float(torch.dot(numer.mul_(precond), c["vec"]))
+        drift += dot(d, c["g0"]) - lr / bc1 * dot(numer.mul_(precond), c["vec"])
         if wd and decoupled:
-            drift -= lr * wd * float(torch.dot(c["vec"], c["p"]))
-    return out.view_as(v), drift
+            drift -= lr * wd * dot(c["vec"], c["p"])
+    return out.view_as(v), float(drift)
 
 
 def optimizer_step_direction(

@@ -94,6 +94,7 @@ MIN_ACCEPTED_FRACTION = 1e-3
 # on SmolLM2-135M was 2.2e-2 at 1e-3, 1.1e-3 at 3e-3, 2.7e-4 at 1e-2 and 1.0e-4 at 3e-2 nats (rounding), and
 # of the prediction on the tiny test model 2e-4 at 1e-2 and 2.2e-3 at 3e-2 (truncation); 1e-2 suits both
 PARAM_FD_CHANGE = 1e-2
+CLIP_NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ scales by max_norm / (norm + 1e-6)
 MISSING_WEIGHTS_SHOWN = 3  # names of missing weights quoted when a checkpoint does not fit the model
 MAX_TASK_WARNINGS = 20  # at most this many of the task's warnings (malformed dataset records) are printed
 
@@ -284,12 +285,14 @@ class FirstOrder:
 class ParamDirection:
     """What the parameter-space predictor knows before the update (docs/theory.md §5): ``directional``
     ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step, ``drift``
-    the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), and the
-    entropy gradient (reused for the exact first-order term after the update)."""
+    the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), the
+    entropy gradient (reused for the exact first-order term after the update), and ``clip_factor``, the
+    expected scale of the coming gradient by gradient clipping (included in ``directional``)."""
 
     directional: torch.Tensor
     drift: float
     first_order: FirstOrder
+    clip_factor: float = 1.0
 
 
 @dataclass
@@ -677,7 +680,8 @@ class Trainer:
         norm = torch.tensor(batch.mini_batch_tokens, device=self.device)[batch.mini_batch[batch.rows]].unsqueeze(-1)
         first_order = FirstOrder(self.params, sharded=False)
         adam = isinstance(self.optimizer, torch.optim.Adam)
-        loss_grad = FirstOrder(self.params, sharded=False, keep_start=False) if adam else None
+        loss_grad = (FirstOrder(self.params, sharded=False, keep_start=False) if adam or cfg.grad_clip > 0
+                     else None)
         chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
         centre = []
         self.model.eval()
@@ -690,13 +694,19 @@ class Trainer:
                     loss_grad.accumulate(torch.where(local_mask[rows], -adv[rows] * lp / norm[rows], 0.0).sum())
             centre.append(logits.detach())
         first_order.reduce(d)
-        reference = None
+        reference, clip = None, 1.0
         if loss_grad is not None:
             loss_grad.reduce(d)
             reference = [self.last_accepted_fraction * g for g in loss_grad.grad]
             del loss_grad
+            clip = self._expected_clip_factor(reference)
+            for g in reference:
+                g.mul_(clip)
         direction, drift = optimizer_step_direction(self.optimizer, self.params, first_order.grad, reference)
         del reference
+        if clip != 1.0:
+            for x in direction:
+                x.mul_(clip)
         curvature = float(first_order_entropy_change(first_order.grad, direction))  # <grad H, G grad H> >= 0
         h = PARAM_FD_CHANGE / curvature if curvature > 0 else 0.0
         s = torch.zeros(B, T, device=self.device)
@@ -706,7 +716,15 @@ class Trainer:
                                                    h if cfg.param_derivative == "fd" else None)
             tokens = batch.roll.tokens[rows]
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
-        return ParamDirection(d.gather_rows(s), drift, first_order)
+        return ParamDirection(d.gather_rows(s), drift, first_order, clip)
+
+    def _expected_clip_factor(self, reference: list[torch.Tensor]) -> float:
+        """``min(1, grad_clip / ||g0||)`` for the expected gradient ``g0`` of the selection: the factor by which
+        gradient clipping is expected to scale the coming gradient (docs/theory.md §5.2c)."""
+        if self.cfg.grad_clip <= 0:
+            return 1.0
+        norm = math.sqrt(sum(float(torch.dot(g.reshape(-1), g.reshape(-1))) for g in reference))
+        return min(1.0, self.cfg.grad_clip / (norm + CLIP_NORM_EPS))
 
     # ---------------------------------------------------------- 2. plan
     def _plan(self, step: int, batch: Batch) -> _Planned:
@@ -725,6 +743,7 @@ class Trainer:
             drift = batch.param.drift
             contrib = adv_tok * batch.param.directional * (scale / n_tok) / lr_now
             extra["predicted_drift"] = drift
+            extra["predicted_clip_factor"] = batch.param.clip_factor
         else:
             contrib = token_mean_contributions(stats, adv_tok, mask, rule=cfg.rule, normalizer=n_tok) * scale
         # the known drift is moved to the entropy side: the sampler chooses samples for target - H - drift

@@ -101,8 +101,9 @@ def test_nan_logits_in_the_update_skip_the_step(tmp_path, monkeypatch):
 # PARAM_FD_CHANGE = 1e-2 nats along the direction: truncation O(h^2) plus rounding amplified by 1/h (measured
 # 2e-4 on this model; 2.2e-3 at 3e-2 nats, where the truncation dominates)
 @pytest.mark.parametrize("derivative,rel", [("jvp", 1e-5), ("fd", 1e-3)])
-def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, derivative, rel):
-    """Under plain SGD without gradient clipping, on the first (on-policy) epoch, the parameter-space
+@pytest.mark.parametrize("grad_clip", [0.0, 2.0])
+def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, derivative, rel, grad_clip):
+    """Under plain SGD, with or without gradient clipping, on the first (on-policy) epoch, the parameter-space
     prediction made BEFORE the update, drift + sum_t (A_t / N) s_t, is exactly <grad Hbar, dtheta> of the step
     taken (computed after it from the weights): the two differ only by the directional derivative's error
     (JVP: float rounding; central difference: O(h^2) plus rounding amplified by 1/h)."""
@@ -110,7 +111,7 @@ def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, 
     from llm.train import Trainer
 
     cfg = TrainConfig(model="smoke", arith_high=4, fewshot=2, prompts_per_step=4, samples_per_prompt=8,
-                      max_new_tokens=2, micro_batch_size=16, optimizer="sgd", lr=0.05, grad_clip=0.0,
+                      max_new_tokens=2, micro_batch_size=16, optimizer="sgd", lr=0.05, grad_clip=grad_clip,
                       method="vanilla", predictor="param", param_derivative=derivative, eval_prompts=0,
                       plot=False, progress=False, tensorboard=False)
     trainer = Trainer(cfg, tmp_path)
@@ -120,3 +121,7 @@ def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, 
     for r in trained:
         assert r["predicted_drift"] == 0.0  # SGD without momentum: nothing is known but the samples' part
         assert r["predicted_entropy_change"] == pytest.approx(r["exact_predicted_entropy_change"], rel=rel)
+        # vanilla trains on every sample, so the expected clip factor is the clip's own (docs/theory.md §5.2c)
+        assert r["predicted_clip_factor"] == (1.0 if not grad_clip else
+                                              pytest.approx(min(1.0, grad_clip / r["grad_norm"]), rel=1e-5))
+    assert not grad_clip or min(r["predicted_clip_factor"] for r in trained) < 0.8  # the clip acted
