@@ -87,11 +87,14 @@ def test_tracking_error_of_a_run_on_its_schedule_is_zero():
     assert [r["step"] for r in cut] == [0, 1, 2, 3, 4] and cut[-1] == {"step": 4, "final": True, "probe_entropy": 0.5}
 
 
-def test_performance_page_shows_the_saved_benchmark_table():
-    """docs/performance.md quotes, line for line, the table benchmarks/conftest.py wrote for the run it describes."""
-    saved = (ROOT / "docs" / "data" / "benchmark_results.md").read_text().splitlines()
+@pytest.mark.parametrize(("saved_table", "min_rows"),
+                         [("benchmark_results.md", 20), ("benchmark_param_predictor.md", 4)])
+def test_performance_page_shows_the_saved_benchmark_table(saved_table, min_rows):
+    """docs/performance.md quotes, line for line, the tables benchmarks/conftest.py wrote for the runs it describes
+    (the full run, and the run of the parameter-space predictor's benchmark)."""
+    saved = (ROOT / "docs" / "data" / saved_table).read_text().splitlines()
     rows = [line for line in saved if line.startswith("|")]
-    assert len(rows) > 20  # header rows plus the groups and the recorded ratios of a full run
+    assert len(rows) > min_rows  # header rows plus the groups and the recorded ratios of the run
     page = (ROOT / "docs" / "performance.md").read_text().splitlines()
     missing = [row for row in rows if row not in page]
     assert not missing, missing[:3]
