@@ -661,8 +661,10 @@ class Trainer:
         """Parameter-space per-token contributions before the update (docs/theory.md §5).
 
         One forward of this rank's rows and a backward pass from it give ``grad Hbar`` (the batch's
-        token-mean entropy), summed over micro-batches and ranks. The optimiser's coming step
-        ``dtheta = drift_step - G g`` is read from its state
+        token-mean entropy), summed over micro-batches and ranks. Under AdamW or gradient clipping a second
+        backward from the same forward gives ``g_all`` (below); the expected clip factor
+        ``min(1, grad_clip / ||f g_all||)`` scales ``G`` and the linearisation point (eq. 5.2c). The
+        optimiser's coming step ``dtheta = drift_step - G g`` is read from its state
         (:func:`~entrotheory.param_space.optimizer_step_direction`). SGD's map is exact. AdamW's is
         linearised about the expected gradient of the selection, ``f g_all`` (eq. 5.2b: ``f`` the last step's
         accepted fraction, ``g_all`` the loss gradient with every sample accepted, a second backward pass from
