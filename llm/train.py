@@ -669,9 +669,9 @@ class Trainer:
         linearised about the expected gradient of the selection, ``f g_all`` (eq. 5.2b: ``f`` the last step's
         accepted fraction, ``g_all`` the loss gradient with every sample accepted, a second backward pass from
         the same forward), which also covers its first step and parameters this batch touches for the first
-        time. (Holding ``vhat`` fixed instead saves that backward but predicted 4-25x the change on SmolLM2, and
-        linearising about the last update's gradient 3-8x: Adam's per-element normalisation depends on this
-        batch's gradient.) Two no-grad forwards at
+        time. (Holding ``vhat`` fixed instead saves that backward but predicted 4-26x the change in the first
+        steps on SmolLM2, and linearising about the last update's gradient 1.3-7.6x; docs/theory.md §5.2b.)
+        Two no-grad forwards at
         ``theta +- h G grad Hbar`` give every token's ``s_t`` (central difference with
         ``h <grad Hbar, G grad Hbar> = PARAM_FD_CHANGE``,
         :func:`~entrotheory.param_space.logit_directional_derivative`)."""
