@@ -298,8 +298,9 @@ STEP_DIRECTION_CASES = [("sgd", c) for c in SGD_CONFIGS] + [
 @pytest.mark.parametrize(("kind", "options"), STEP_DIRECTION_CASES)
 def test_optimizer_step_direction_is_the_real_step_on_grad_h(kind, options):
     """With the step's own loss gradient g (SGD needs none), drift - <G grad Hbar, g> equals <grad Hbar, dtheta> of
-    the real optimiser step to float64 precision; holding Adam's v fixed (no g) it equals the whole-model map of
-    preconditioner_from_optimizer: the direction element by element, the drift <grad Hbar, drift_step>."""
+    the real optimiser step to float64 precision; for Adam with v held fixed (no g), linearised about another
+    gradient g0, and with v at g0, it equals the whole-model map of preconditioner_from_optimizer: the direction
+    element by element, the drift <grad Hbar, drift_step>."""
     model = TinyLM()
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
     opt = cls(model.parameters(), lr=0.05 if kind == "sgd" else 1e-3, **options)
