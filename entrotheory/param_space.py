@@ -185,11 +185,29 @@ def _per_model(x: float | Tensor, like: Tensor, name: str) -> Tensor:
     return torch.as_tensor(float(x), dtype=like.dtype, device=like.device)
 
 
-def _adam_frozen_gain(v: Tensor, taken: Tensor, lr: float, b1: float, b2: float, eps: float) -> Tensor:
-    """``lr (1 - b1) / bc1 P`` with ``vhat = v / (1 - b2^taken)`` held fixed (eq. 5.2), on one new tensor:
-    ``P = 1 / (sqrt(vhat) + eps) = r / (sqrt(v) + eps r)`` with ``r = sqrt(1 - b2^taken)``."""
-    r = (1 - b2**taken).sqrt()
-    return v.sqrt().add_(eps * r).reciprocal_().mul_(lr * (1 - b1) / (1 - b1 ** (taken + 1)) * r)
+def _adam_frozen_gain(v: Tensor, taken: float | Tensor, lr: float, b1: float, b2: float, eps: float,
+                      out: Tensor | None = None) -> Tensor:
+    """``lr (1 - b1) / bc1 P`` with ``vhat = v / (1 - b2^taken)`` held fixed (eq. 5.2), in one tensor (``out``
+    if given): ``P = 1 / (sqrt(vhat) + eps) = r / (sqrt(v) + eps r)`` with ``r = sqrt(1 - b2^taken)``."""
+    r = torch.as_tensor(1 - b2**taken, dtype=torch.float64).sqrt()
+    return torch.sqrt(v, out=out).add_(eps * r).reciprocal_().mul_(lr * (1 - b1) / (1 - b1 ** (taken + 1)) * r)
+
+
+def _adam_linearised(u0: Tensor, m: Tensor, v: Tensor, lr: float, b1: float, b2: float, eps: float,
+                     bc1: float | Tensor, bc2: float | Tensor, linearize_v: bool) -> tuple[Tensor, Tensor]:
+    """``(gain, step0)`` of Adam's step about the effective reference gradient ``u0`` (eq. 5.2b): ``step0`` the
+    step at ``u0``, ``gain = -d step / d u`` there (with ``vhat``'s dependence on ``u`` if ``linearize_v``)."""
+    # the expressions written with in-place operations on new temporaries (it runs on cache-sized pieces too)
+    root = (u0 * u0).mul_((1 - b2) / bc2).add_(v * (b2 / bc2)).sqrt_()
+    precond = (root + eps).reciprocal_()
+    numer = (u0 * (1 - b1)).add_(m * b1)  # b1 m + (1 - b1) u0
+    step0 = (numer * precond).mul_(-lr / bc1)  # Adam's step at the reference gradient
+    if not linearize_v:
+        return precond.mul_(lr * (1 - b1) / bc1), step0
+    # gain = lr / bc1 [(1 - b1) P - numer P^2 (1 - b2) u0 / (bc2 root)]; root = 0 only where u0 = 0, where the
+    # second term is 0
+    term = (numer.mul_(precond)).mul_(u0).div_(root.clamp_(min=torch.finfo(root.dtype).tiny))
+    return term.mul_(-(1 - b2) / bc2).add_(1 - b1).mul_(precond).mul_(lr / bc1), step0
 
 
 def adam_preconditioner(
@@ -264,20 +282,9 @@ def adam_preconditioner(
                 drift = drift - (lr * wd * p if decoupled_weight_decay else gain * wd * p)
         else:
             l2 = wd * p if (wd and not decoupled_weight_decay) else torch.zeros_like(p)
-            u0 = g + l2
-            vhat = (b2 * v + (1 - b2) * u0 * u0) / bc2
-            root = vhat.sqrt()
-            precond = 1.0 / (root + eps)
-            numer = b1 * m + (1 - b1) * u0
-            step0 = -lr / bc1 * numer * precond  # Adam's step at the reference gradient
-            jac = -lr / bc1 * (1 - b1) * precond
-            if linearize_v:
-                dp_du = torch.where(root > 0, -precond * precond * (1 - b2) * u0 / (bc2 * root.clamp(min=1e-300)),
-                                    torch.zeros_like(root))
-                jac = jac - lr / bc1 * numer * dp_du
-            gain = -jac
-            # dtheta(g) ~= step0 + jac (g + l2 - u0) = [step0 - jac g0] + jac g
-            drift = step0 - jac * g
+            gain, step0 = _adam_linearised(g + l2, m, v, lr, b1, b2, eps, bc1, bc2, linearize_v)
+            # dtheta(g) ~= step0 - gain (g + l2 - u0) = [step0 + gain g0] - gain g
+            drift = step0 + gain * g
             if wd and decoupled_weight_decay:
                 drift = drift - lr * wd * p
         gains.append(gain)
@@ -353,7 +360,6 @@ def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupl
             (("p", p), ("vec", v), ("m", state["exp_avg"]), ("v2", state["exp_avg_sq"]), ("g0", g0)) if x is not None}
     out = torch.empty_like(flat["vec"])
     drift = torch.zeros((), dtype=torch.float64, device=out.device)  # read once at the end (no sync per piece)
-    r = math.sqrt(1 - b2**taken) if g0 is None else 0.0
     chunk = STEP_DIRECTION_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
 
     def dot(x: Tensor, y: Tensor) -> Tensor:
@@ -363,26 +369,17 @@ def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupl
         c = {k: x[lo:lo + chunk] for k, x in flat.items()}
         d = out[lo:lo + chunk]
         if g0 is None:
-            # P = 1 / (sqrt(vhat) + eps) = r / (sqrt(v) + eps r); drift_step = -lr b1 / bc1 P m (- wd terms)
-            torch.sqrt(c["v2"], out=d).add_(eps * r).reciprocal_().mul_(lr * (1 - b1) / bc1 * r).mul_(c["vec"])
+            # drift_step = -lr b1 / bc1 P m (- wd terms)
+            _adam_frozen_gain(c["v2"], taken, lr, b1, b2, eps, out=d).mul_(c["vec"])
             drift -= b1 / (1 - b1) * dot(d, c["m"])
             if wd:
                 drift -= lr * wd * dot(c["vec"], c["p"]) if decoupled else wd * dot(d, c["p"])
             continue
         u0 = c["g0"] if (decoupled or not wd) else c["g0"] + wd * c["p"]
-        root = (u0 * u0).mul_((1 - b2) / bc2).add_(c["v2"], alpha=b2 / bc2).sqrt_()
-        precond = (root + eps).reciprocal_()
-        numer = torch.add(u0, c["m"], alpha=b1 / (1 - b1)).mul_(1 - b1)  # b1 m + (1 - b1) u0
-        # gain = lr / bc1 [(1 - b1) P - numer P^2 (1 - b2) u0 / (bc2 root)] (the second term with linearize_v)
-        if linearize_v:
-            root.clamp_(min=torch.finfo(root.dtype).tiny)  # root = 0 only where u0 = 0: the term is 0 there
-            term = (numer * precond).mul_(u0).div_(root).mul_(-(1 - b2) / bc2).add_(1 - b1)
-            torch.mul(term, precond, out=d)
-        else:
-            torch.mul(precond, 1 - b1, out=d)
-        d.mul_(lr / bc1).mul_(c["vec"])
-        # <v, drift_step> with drift_step = step0 + gain g0 (- lr wd theta decoupled), step0 = -lr / bc1 numer P
-        drift += dot(d, c["g0"]) - lr / bc1 * dot(numer.mul_(precond), c["vec"])
+        gain, step0 = _adam_linearised(u0, c["m"], c["v2"], lr, b1, b2, eps, bc1, bc2, linearize_v)
+        torch.mul(gain, c["vec"], out=d)
+        # <v, drift_step> with drift_step = step0 + gain g0 (- lr wd theta decoupled)
+        drift += dot(d, c["g0"]) + dot(step0, c["vec"])
         if wd and decoupled:
             drift -= lr * wd * dot(c["vec"], c["p"])
     return out.view_as(v), float(drift)
