@@ -726,7 +726,7 @@ class Trainer:
         gradient clipping is expected to scale the coming gradient (docs/theory.md §5.2c)."""
         if self.cfg.grad_clip <= 0:
             return 1.0
-        norm = math.sqrt(sum(float(torch.dot(g.reshape(-1), g.reshape(-1))) for g in reference))
+        norm = math.sqrt(float(first_order_entropy_change(reference, reference)))  # <g0, g0>, summed in float64
         return min(1.0, self.cfg.grad_clip / (norm + CLIP_NORM_EPS))
 
     # ---------------------------------------------------------- 2. plan
