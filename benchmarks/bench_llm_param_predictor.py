@@ -6,6 +6,10 @@ param, ...; two warm-up steps each, then the timed ones):
 * ``--predictor param``: the parameter-space contributions before the update (a forward and backward for
   ``grad Hbar``, under AdamW a second backward for the reference gradient, the optimiser's step direction,
   two no-grad forwards for the central difference);
+* ``--predictor param --control-prompts 32``: the same with the gradient of a fixed control set's entropy
+  (its forward and backward; the batch's forward is then needed only for AdamW's reference gradient and
+  the centre of the difference) in place of the batch's, and one more no-grad forward of the set after
+  the update (its measured change, in the measure phase);
 * ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics.
 
 Configuration: the ``cpu-demo`` preset (the embedded SmolLM2-135M in float32, 8 prompts x 8 samples, at most 4
@@ -14,7 +18,7 @@ new tokens, AdamW) without evaluation, probe, checkpoints or figures; the smoke 
 
 Recorded (medians over the timed steps): the predictor phase's share of the param trainer's step
 (``time_predictor / time_step``, the trainer's own phase clock), the whole param step over the whole logit step,
-and the predictor over the rest of the param step. Run: ``python -m pytest benchmarks/bench_llm_param_predictor.py
+and the predictor over the rest of the param step; the first two also for the control-set trainer. Run: ``python -m pytest benchmarks/bench_llm_param_predictor.py
 --benchmark-only -q -s`` (about 3 minutes).
 """
 
@@ -36,7 +40,10 @@ def make_trainer(predictor: str, out_dir):
     from llm.train import Trainer
 
     options = dict(PRESETS["smoke" if SMOKE else "cpu-demo"])
-    options.update(predictor=predictor, method="entrocraft-predictive", schedule="linear:0.85->0.65",
+    if predictor == "control":
+        options.update(control_prompts=4 if SMOKE else 32)
+    options.update(predictor="logit" if predictor == "logit" else "param", method="entrocraft-predictive",
+                   schedule="linear:0.85->0.65",
                    steps=WARMUP_STEPS + TIMED_STEPS, eval_every=0, probe_every=0, checkpoint_every=0, plot=False,
                    progress=False, tensorboard=False, output_dir=str(out_dir))
     return Trainer(TrainConfig(**options), out_dir)
@@ -44,7 +51,7 @@ def make_trainer(predictor: str, out_dir):
 
 def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     threads = torch.get_num_threads()
-    trainers = {name: make_trainer(name, tmp_path / name) for name in ("param", "logit")}
+    trainers = {name: make_trainer(name, tmp_path / name) for name in ("param", "control", "logit")}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
 
     def run() -> None:
@@ -67,9 +74,17 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     rest = step["param"] - predictor
     record_ratio("llm.train --predictor param: predictor / the rest of its step", predictor / rest,
                  "predictor time / (step - predictor) (medians)", size)
+    control_share = statistics.median(r["time_predictor"] / r["time_step"] for r in rows["control"])
+    record_ratio("llm.train --predictor param --control-prompts: predictor / its step", control_share,
+                 "time of the predictor phase / the whole step (median)", size)
+    record_ratio("llm.train --predictor param --control-prompts vs logit: whole step",
+                 step["control"] / step["logit"], "control-set step time / logit step time (medians, interleaved)",
+                 size)
     benchmark.extra_info.update(step_param_s=step["param"], step_logit_s=step["logit"], predictor_s=predictor,
-                                share=share)
+                                share=share, step_control_s=step["control"], control_share=control_share)
     print(f"\n--predictor param: step {step['param']:.2f} s (predictor {predictor:.2f} s, {share:.0%} of the step); "
+          f"with a control set: step {step['control']:.2f} s ({control_share:.0%}); "
           f"--predictor logit: step {step['logit']:.2f} s")
     assert all(r.get("predicted_entropy_change") is not None for r in rows["param"])
+    assert all("control_entropy" in r for r in rows["control"])
     assert 0 < share < 1

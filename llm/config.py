@@ -77,6 +77,9 @@ class TrainConfig:
     entropy_estimate: bool = _opt(False, "control a Kalman estimate of the policy's entropy instead of the batch "
                                   "entropy")
     estimate_process_std: float = _opt(0.01, "nats: what one step's measured change misses of the policy's change")
+    control_prompts: int = _opt(
+        0, "control the entropy of a fixed control set instead of the batch: this many training prompts, "
+        "fixed_set_samples responses each sampled once from the initial policy (needs --predictor param; 0 = off)")
     reward_correct: float = _opt(1.0, "reward of a correct response")
     reward_wrong: float = _opt(-1.0, "reward of a wrong response")
     steps: int = _opt(60, "training steps", section="rollout")
@@ -106,9 +109,11 @@ class TrainConfig:
     eval_samples: int = _opt(8, "samples per held-out prompt")
     pass_k: int = _opt(8, "k of the unbiased pass@k")
     eval_temperature: float = _opt(1.0, "sampling temperature of the evaluation")
-    probe_every: int = _opt(0, "held-out entropy every N steps: fixed probe prompts, same seeds each time (0 = off)")
-    probe_prompts: int = _opt(16, "the first held-out prompts, samples_per_prompt samples each at the training "
-                              "temperature")
+    probe_every: int = _opt(0, "held-out entropy every N steps: the token-mean entropy of the policy on the fixed "
+                            "probe set (0 = off)")
+    probe_prompts: int = _opt(16, "the first held-out prompts, fixed_set_samples responses each sampled once from "
+                              "the initial policy at the training temperature: the probe set")
+    fixed_set_samples: int = _opt(2, "responses per prompt of the fixed probe and control sets")
     seed: int = _opt(0, "seed of everything random in the run (data, sampling, methods)", section="run")
     output_dir: str = _opt("runs/llm", "run directory: metrics.jsonl, config.yaml, checkpoint/, figure.png")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
@@ -132,9 +137,9 @@ class TrainConfig:
 
 
 _POSITIVE = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size", "ppo_epochs",
-             "mini_batches", "eval_samples", "pass_k", "max_nan_steps")
-_NON_NEGATIVE = ("eval_every", "eval_prompts", "probe_every", "probe_prompts", "checkpoint_every", "plot_every",
-                 "warmup_steps", "threads", "stop_after")
+             "mini_batches", "eval_samples", "pass_k", "max_nan_steps", "fixed_set_samples")
+_NON_NEGATIVE = ("eval_every", "eval_prompts", "probe_every", "probe_prompts", "control_prompts", "checkpoint_every",
+                 "plot_every", "warmup_steps", "threads", "stop_after")
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -174,6 +179,12 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"lr must be > 0, got {cfg.lr}")
     if cfg.predictor == "param" and cfg.fsdp:
         raise UserError("--predictor param needs replicated weights: it is not available with --fsdp")
+    if cfg.control_prompts and cfg.predictor != "param":
+        raise UserError(f"--control-prompts {cfg.control_prompts} needs --predictor param: only the parameter-space "
+                        f"contributions predict the control set's entropy (the logit ones predict the batch's)")
+    if cfg.control_prompts and cfg.entropy_estimate:
+        raise UserError("--control-prompts and --entropy-estimate are two choices of the controlled entropy: "
+                        "the control set's is measured exactly, the estimate filters the batch's; pick one")
     if not cfg.estimate_process_std >= 0:
         raise UserError(f"estimate_process_std must be >= 0, got {cfg.estimate_process_std}")
     if not cfg.calibration_factor >= 0:
@@ -203,7 +214,7 @@ PRESETS: dict[str, dict[str, object]] = {
         model="embedded", task="arithmetic", arith_low=0, arith_high=14, method="entrocraft-predictive",
         schedule="linear:0.85->0.65", calibration_factor=2e7, steps=50, prompts_per_step=8,
         samples_per_prompt=8, max_new_tokens=4, lr=2e-6, micro_batch_size=64, eval_every=10, eval_prompts=32,
-        eval_samples=8, pass_k=8, probe_every=2, probe_prompts=16, checkpoint_every=10, output_dir="runs/cpu-demo",
+        eval_samples=8, pass_k=8, probe_every=2, probe_prompts=48, checkpoint_every=10, output_dir="runs/cpu-demo",
     ),
     # one GPU: sizes for a single accelerator; pass --model DIR (e.g. a Qwen3 checkpoint) and --dataset FILE
     # (then raise --max-new-tokens, e.g. 1024) for real reasoning data

@@ -287,13 +287,30 @@ class ParamDirection:
     """What the parameter-space predictor knows before the update (docs/theory.md §5): ``directional``
     ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step, ``drift``
     the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), the
-    entropy gradient (reused for the exact first-order term after the update), and ``clip_factor``, the
-    expected scale of the coming gradient by gradient clipping (included in ``directional``)."""
+    entropy gradient (reused for the exact first-order term after the update), ``clip_factor``, the
+    expected scale of the coming gradient by gradient clipping (included in ``directional``), and with a
+    control set ``control_entropy``, its entropy before the update (``Hbar`` is then the control set's)."""
 
     directional: torch.Tensor
     drift: float
     first_order: FirstOrder
     clip_factor: float = 1.0
+    control_entropy: float | None = None
+
+
+@dataclass
+class FixedSet:
+    """Fixed contexts: prompts with responses sampled once from the initial policy (the probe and control
+    sets, docs/theory.md eq. 5.6b). ``problems`` are the whole set's prompts; ``prompt_ids``/``prompt_mask``/
+    ``roll`` hold this rank's share of them; ``n_tokens`` counts the response tokens of the whole set over all
+    ranks. Its entropy, the token mean of ``H(pi(.|context))`` over these contexts, is a deterministic function
+    of the weights: no sampling noise."""
+
+    problems: list[Problem]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    roll: Rollout
+    n_tokens: float
 
 
 @dataclass
@@ -474,7 +491,11 @@ class Trainer:
         self.last_accepted_fraction = 1.0  # AdamW's reference gradient for the parameter-space predictor
         self.nan_streak = 0
         self.eval_problems = self.task.eval_set(cfg.eval_prompts) if cfg.eval_prompts else []
-        self.probe_problems = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
+        probe = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
+        # sampled here, from the initial weights, before any checkpoint is loaded: a resumed run has the same sets
+        self.probe_set = self._fixed_set(probe, "probe") if probe else None
+        control = self.task.train_batch(cfg.control_prompts, random.Random(derive_seed(cfg.seed, "control")))
+        self.control_set = self._fixed_set(control, "control") if control else None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -532,22 +553,45 @@ class Trainer:
         return lo, problems[lo:lo + share]
 
     @torch.no_grad()
-    def probe_entropy(self) -> dict[str, float]:
-        """Held-out entropy: token-mean entropy of the current policy's own samples on fixed probe prompts,
-        at the training temperature, with the same per-prompt seeds every time (common random numbers, so
-        that successive probes differ by the policy's change more than by sampling noise)."""
-        if not self.probe_problems:
-            return {}
-        lo, mine = self._my_share(self.probe_problems)
-        ent = ntok = 0.0
-        with self._full_weights():
+    def _fixed_set(self, problems: list[Problem], purpose: str) -> FixedSet:
+        """``fixed_set_samples`` responses per prompt, sampled now at the training temperature with one
+        generator per prompt seeded by (seed, purpose, the prompt's index); this rank keeps its share."""
+        lo, mine = self._my_share(problems)
+        with self._full_weights():  # a collective under FSDP: every rank enters, whatever its share
             if mine:
-                _, _, roll = self._rollout(mine, self.cfg.samples_per_prompt, self.cfg.temperature,
-                                           self._generators("probe", 0, lo, len(mine)))
-                ent = float(torch.where(roll.mask, roll.stats.entropy, 0.0).sum())
-                ntok = float(roll.mask.sum())
-        ent, ntok = self.dist.sum(ent, ntok)
-        return {"probe_entropy": ent / max(ntok, 1.0)}
+                prompt_ids, prompt_mask, roll = self._rollout(mine, self.cfg.fixed_set_samples, self.cfg.temperature,
+                                                              self._generators(purpose, 0, lo, len(mine)))
+        if not mine:  # more ranks than prompts: an empty share
+            empty = torch.zeros(0, 1, dtype=torch.long, device=self.device)
+            none = torch.zeros(0, 1, device=self.device)
+            prompt_ids, prompt_mask = empty, empty
+            roll = Rollout(empty, empty.bool(), TokenEntropyStats(none, none, none, empty.bool()),
+                           torch.zeros(0, dtype=torch.long, device=self.device), [])
+        n_tokens = self.dist.sum(float(roll.mask.sum()))[0]
+        if n_tokens == 0:
+            raise UserError(f"the {purpose} set's {len(problems)} prompts gave no response tokens")
+        return FixedSet(problems, prompt_ids, prompt_mask, roll, n_tokens)
+
+    def fixed_set_entropy(self, fixed: FixedSet, first_order: FirstOrder | None = None) -> float:
+        """Token-mean entropy (nats) of the current policy over the fixed contexts of ``fixed``, summed over
+        ranks; with ``first_order`` its gradient is accumulated too (one backward per micro-batch)."""
+        total = 0.0
+        mask = fixed.roll.mask
+        with torch.enable_grad() if first_order is not None else torch.no_grad(), self._full_weights():
+            for rows in torch.arange(mask.shape[0], device=self.device).split(self.cfg.micro_batch_size):
+                ent = policy_entropy(self._plain_logits(self.model, fixed, rows))
+                if first_order is not None:
+                    first_order.accumulate(masked_token_mean(ent, mask[rows], fixed.n_tokens))
+                total += float(torch.where(mask[rows], ent.detach(), 0.0).sum())
+        return self.dist.sum(total)[0] / fixed.n_tokens
+
+    def probe_entropy(self) -> dict[str, float]:
+        """Held-out entropy: the token-mean entropy of the current policy on the probe set, fixed contexts of
+        held-out prompts never trained on (a deterministic function of the weights)."""
+        if self.probe_set is None:
+            return {}
+        self.model.eval()
+        return {"probe_entropy": self.fixed_set_entropy(self.probe_set)}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -661,9 +705,12 @@ class Trainer:
         """Parameter-space per-token contributions before the update (docs/theory.md §5).
 
         One forward of this rank's rows and a backward pass from it give ``grad Hbar`` (the batch's
-        token-mean entropy), summed over micro-batches and ranks. Under AdamW or gradient clipping a second
-        backward from the same forward gives ``g_all`` (below); the expected clip factor
-        ``min(1, grad_clip / ||f g_all||)`` scales ``G`` and the linearisation point (eq. 5.2c). The
+        token-mean entropy), summed over micro-batches and ranks; with a control set (``--control-prompts``)
+        ``Hbar`` is the control set's token-mean entropy instead, from a forward and backward of its fixed
+        contexts (docs/theory.md §5.6b), and the batch's forward is a no-grad one unless ``g_all`` needs it.
+        Under AdamW or gradient clipping a second backward from the same forward gives ``g_all`` (below);
+        the expected clip factor ``min(1, grad_clip / ||f g_all||)`` scales ``G`` and the linearisation point
+        (eq. 5.2c). The
         optimiser's coming step ``dtheta = drift_step - G g`` is read from its state
         (:func:`~entrotheory.param_space.optimizer_step_direction`). SGD's map is exact. AdamW's is
         linearised about the expected gradient of the selection, ``f g_all`` (eq. 5.2b: ``f`` the last step's
@@ -688,10 +735,14 @@ class Trainer:
         chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
         centre = []
         self.model.eval()
+        control = None
+        if self.control_set is not None:  # the controlled entropy is the control set's: its value and gradient
+            control = self.fixed_set_entropy(self.control_set, first_order)
         for rows in chunks:
-            with torch.enable_grad():
+            with torch.enable_grad() if control is None or loss_grad is not None else torch.no_grad():
                 logits = self._plain_logits(self.model, batch, rows)
-                first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
+                if control is None:
+                    first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
                 if loss_grad is not None:
                     lp = response_log_probs(logits, batch.roll.tokens[rows])
                     loss_grad.accumulate(torch.where(local_mask[rows], -adv[rows] * lp / norm[rows], 0.0).sum())
@@ -719,7 +770,7 @@ class Trainer:
                                                    h if cfg.param_derivative == "fd" else None)
             tokens = batch.roll.tokens[rows]
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
-        return ParamDirection(d.gather_rows(s), drift, first_order, clip)
+        return ParamDirection(d.gather_rows(s), drift, first_order, clip, control)
 
     def _expected_clip_factor(self, reference: list[torch.Tensor]) -> float:
         """``min(1, grad_clip / ||g0||)`` for the expected gradient ``g0`` of the selection: the factor by which
@@ -739,6 +790,9 @@ class Trainer:
         scale = self._normaliser_scale(batch)
         lr_now = self.optimizer.param_groups[0]["lr"]
         control, extra = self._control_entropy(batch, entropy)
+        if batch.param is not None and batch.param.control_entropy is not None:
+            control = batch.param.control_entropy  # --control-prompts: the control set's, measured exactly
+            extra["control_entropy"] = control
         drift = 0.0
         if batch.param is not None:
             # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the methods take contributions
@@ -911,7 +965,8 @@ class Trainer:
     @torch.no_grad()
     def _measure(self, batch: Batch, before: _Before) -> dict[str, float]:
         """Theory against practice: the entropy of the updated policy on the same contexts, and the KL of the
-        old to the new policy there; the change is fed back to the method."""
+        old to the new policy there; the change is fed back to the method. With a control set the measured
+        change is the control set's (the entropy controlled and predicted), the batch's is logged beside it."""
         local_mask = batch.local_mask
         B, T = local_mask.shape
         h_after = torch.zeros(B, T, device=self.device)
@@ -924,9 +979,14 @@ class Trainer:
         measured = self._global_mean(h_after, local_mask) - self._global_mean(before.entropy, local_mask)
         log_ratio = new_lp - before.log_prob
         kl_old_new = self._global_mean(torch.exp(log_ratio) - 1.0 - log_ratio, local_mask)
+        out = {"kl_old_new": kl_old_new}
+        control = batch.param.control_entropy if batch.param is not None else None
+        if control is not None:
+            out["measured_batch_entropy_change"] = measured
+            measured = self.fixed_set_entropy(self.control_set) - control
         # the sampler is calibrated on the sample-dependent part: the known drift is taken off (see _plan)
         self.method.observe(measured - (batch.param.drift if batch.param is not None else 0.0))
-        return {"kl_old_new": kl_old_new, "measured_entropy_change": measured}
+        return {**out, "measured_entropy_change": measured}
 
     def _advance_estimate(self, change: float) -> None:
         """Process step of the entropy estimate: the policy moved by the last update's change."""

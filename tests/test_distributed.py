@@ -106,6 +106,9 @@ CASES: dict[str, tuple[str, ...]] = {
     # the rounding of differently composed micro-batches by 1/h) and the Kalman entropy estimate
     "param": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
               "--param-derivative", "jvp", "--entropy-estimate"),
+    # a fixed control set split over the ranks (3 prompts: 2 on one, 1 on the other), its gradient all-reduced
+    "control": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
+                "--param-derivative", "jvp", "--control-prompts", "3"),
     # whole-batch covariance selections (random detach for Clip-Cov; top fraction for KL-Cov)
     "clip-cov": ("--method", "clip-cov", "--method-options", "{ratio: 0.2, lb: -10.0, ub: 10.0}"),
     "kl-cov": ("--method", "kl-cov", "--method-options", "{ratio: 0.2}", "--ppo-epochs", "2", "--kl-coef",
@@ -126,6 +129,8 @@ def test_two_processes_make_the_decisions_of_one(tmp_path, case):
     torchrun(tmp_path / "two", 2, *args, *(("--fsdp",) if case == "fsdp" else ()))
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert all("probe_entropy" in r for r in a)
+    if case == "control":
+        assert all("control_entropy" in r for r in a if not r.get("final"))
     trained = [r for r in a if "loss" in r]
     assert trained, "no step trained: the comparison would be empty"
     if case == "clip-cov":

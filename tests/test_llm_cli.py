@@ -229,6 +229,12 @@ def test_config_converts_and_checks_itself_when_made():
         TrainConfig(estimator="magic")
     with pytest.raises(UserError, match="--task dataset needs --dataset FILE"):
         TrainConfig(task="dataset")
+    with pytest.raises(UserError, match="--control-prompts 4 needs --predictor param"):
+        TrainConfig(control_prompts=4)
+    with pytest.raises(UserError, match="--control-prompts and --entropy-estimate are two choices"):
+        TrainConfig(control_prompts=4, predictor="param", entropy_estimate=True)
+    with pytest.raises(UserError, match="fixed_set_samples must be >= 1, got 0"):
+        TrainConfig(fixed_set_samples=0)
 
 
 def test_kl_reference_exact_prediction_and_full_forward(tmp_path):
@@ -276,19 +282,32 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
 
 
 def test_probe_entropy_is_held_out_and_repeatable(tmp_path):
-    """The probe uses fixed held-out prompts and the same seeds every time: the same policy gives the same
-    value, and it is logged every probe_every steps and at the end."""
+    """The probe set holds fixed contexts of held-out prompts, sampled once from the initial policy: its
+    entropy is a function of the weights (the same value twice, and the value the sampling-time statistics
+    gave, so the teacher-forced forward sees the contexts the policy sampled), a resumed run has the same
+    set, and it is logged every probe_every steps and at the end."""
     from llm.config import TrainConfig
     from llm.train import Trainer
 
     cfg = TrainConfig(model="smoke", arith_high=4, fewshot=2, prompts_per_step=2, samples_per_prompt=4,
                       max_new_tokens=2, micro_batch_size=8, eval_prompts=0, probe_every=1, probe_prompts=3,
-                      plot=False, progress=False, tensorboard=False)
-    trainer = Trainer(cfg, tmp_path)
+                      fixed_set_samples=3, method="vanilla", lr=1e-2, plot=False, progress=False, tensorboard=False)
+    trainer = Trainer(cfg, tmp_path, reward_fn=lambda roll: torch.tensor([1.0, -1.0]).repeat(roll.mask.shape[0] // 2))
+    probe = trainer.probe_set
     first = trainer.probe_entropy()["probe_entropy"]
     assert trainer.probe_entropy()["probe_entropy"] == first and first > 0
+    m = probe.roll.mask
+    assert probe.roll.tokens.shape[0] == 3 * 3 and probe.n_tokens == float(m.sum())
+    assert first == pytest.approx(float(probe.roll.stats.entropy[m].mean()), rel=1e-5)
     train_prompts = {p.prompt for p in trainer.task.train_batch(64, __import__("random").Random(0))}
-    assert not train_prompts & {p.prompt for p in trainer.probe_problems}
+    assert len(probe.problems) == 3 and not train_prompts & {p.prompt for p in probe.problems}
+    assert trainer.train_step(0).get("skipped") is None
+    trainer.save_checkpoint(1)
+    again = Trainer(cfg, tmp_path)
+    again.load_checkpoint(tmp_path / "checkpoint")
+    assert torch.equal(again.probe_set.roll.tokens, probe.roll.tokens)
+    assert again.probe_entropy()["probe_entropy"] == pytest.approx(trainer.probe_entropy()["probe_entropy"], abs=1e-6)
+    assert again.probe_entropy()["probe_entropy"] != first  # the step moved it
     code, out = run_cli(tmp_path, "probe", "--steps", "2", "--probe-every", "2", "--probe-prompts", "2")
     assert code == 0
     got = rows(out)

@@ -102,18 +102,21 @@ def test_nan_logits_in_the_update_skip_the_step(tmp_path, monkeypatch):
 # 2e-4 on this model; 2.2e-3 at 3e-2 nats, where the truncation dominates)
 @pytest.mark.parametrize("derivative,rel", [("jvp", 1e-5), ("fd", 1e-3)])
 @pytest.mark.parametrize("grad_clip", [0.0, 2.0])
-def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, derivative, rel, grad_clip):
+@pytest.mark.parametrize("control_prompts", [0, 3])
+def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, derivative, rel, grad_clip,
+                                                                      control_prompts):
     """Under plain SGD, with or without gradient clipping, on the first (on-policy) epoch, the parameter-space
     prediction made BEFORE the update, drift + sum_t (A_t / N) s_t, is exactly <grad Hbar, dtheta> of the step
     taken (computed after it from the weights): the two differ only by the directional derivative's error
-    (JVP: float rounding; central difference: O(h^2) plus rounding amplified by 1/h)."""
+    (JVP: float rounding; central difference: O(h^2) plus rounding amplified by 1/h). With a control set,
+    Hbar is the control set's entropy, on contexts the update does not train on."""
     from llm.config import TrainConfig
     from llm.train import Trainer
 
     cfg = TrainConfig(model="smoke", arith_high=4, fewshot=2, prompts_per_step=4, samples_per_prompt=8,
                       max_new_tokens=2, micro_batch_size=16, optimizer="sgd", lr=0.05, grad_clip=grad_clip,
                       method="vanilla", predictor="param", param_derivative=derivative, eval_prompts=0,
-                      plot=False, progress=False, tensorboard=False)
+                      control_prompts=control_prompts, plot=False, progress=False, tensorboard=False)
     trainer = Trainer(cfg, tmp_path)
     rows = [trainer.train_step(t) for t in range(3)]
     trained = [r for r in rows if not r.get("skipped")]
@@ -125,3 +128,14 @@ def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, 
         assert r["predicted_clip_factor"] == (1.0 if not grad_clip else
                                               pytest.approx(min(1.0, grad_clip / r["grad_norm"]), rel=1e-5))
     assert not grad_clip or min(r["predicted_clip_factor"] for r in trained) < 0.8  # the clip acted
+    if control_prompts:  # the controlled, predicted and measured entropy are the control set's
+        for r in rows:
+            assert r["control_entropy"] != r["entropy"]
+        for a, b in zip(rows, rows[1:]):
+            assert b["control_entropy"] == pytest.approx(a["control_entropy"] + a["measured_entropy_change"],
+                                                         abs=1e-6)
+        assert trainer.fixed_set_entropy(trainer.control_set) == pytest.approx(
+            rows[-1]["control_entropy"] + rows[-1]["measured_entropy_change"], abs=1e-6)
+        assert all("measured_batch_entropy_change" in r for r in trained)
+    else:
+        assert all("control_entropy" not in r for r in rows)
