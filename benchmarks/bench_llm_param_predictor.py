@@ -18,8 +18,8 @@ new tokens, AdamW) without evaluation, probe, checkpoints or figures; the smoke 
 
 Recorded (medians over the timed steps): the predictor phase's share of the param trainer's step
 (``time_predictor / time_step``, the trainer's own phase clock), the whole param step over the whole logit step,
-and the predictor over the rest of the param step; the first two also for the control-set trainer. Run: ``python -m pytest benchmarks/bench_llm_param_predictor.py
---benchmark-only -q -s`` (about 3 minutes).
+and the predictor over the rest of the param step; the first two also for the control-set trainer. Run:
+``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 5 minutes).
 """
 
 from __future__ import annotations

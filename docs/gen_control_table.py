@@ -12,8 +12,12 @@ the entropy of the policy after ``t`` updates on fixed held-out prompts (llm/tra
 schedule's range ``|schedule(0) - schedule(T)|``; as the mean signed error (nats), which holds the
 probe set's own offset (a few held-out prompts are not the training distribution: their entropy
 differs by a constant the controller cannot see); and as the standard deviation of ``e_t`` (% of the
-range), the error with that constant removed. A run without a schedule (vanilla) is scored against the
-schedule named for it.
+range), the error with that constant removed. A run that controls a fixed control set (``--control-prompts``)
+is also scored on that set's entropy before each update (``control_entropy``), the quantity it aims at the
+schedule; its per-position prediction, which is of the batch's own contexts, is scored against the batch's
+measured change (``measured_batch_entropy_change``). The "from step 10" row scores the steps ``t >= 10``
+alone, after AdamW's first steps, whose size the sampler cannot choose (docs/llm.md). A run without a
+schedule (vanilla) is scored against the schedule named for it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 
 from entrotheory.schedules import parse_schedule
 from llm.train import summarize
+
+SETTLED = 10  # the first step the "from step" row scores: AdamW's first steps are over (docs/llm.md)
 
 
 def _rows(path: str) -> list[dict]:
@@ -46,13 +52,13 @@ def truncate(rows: list[dict], steps: int) -> list[dict]:
     return head + [final]
 
 
-def tracking(rows: list[dict], spec: str, key: str = "probe_entropy") -> dict[str, float]:
-    """Errors of ``key`` against ``spec`` over the steps ``t >= 1`` where it was measured (see module doc)."""
+def tracking(rows: list[dict], spec: str, key: str = "probe_entropy", first: int = 1) -> dict[str, float]:
+    """Errors of ``key`` against ``spec`` over the steps ``t >= first`` where it was measured (see module doc)."""
     steps = max(int(r["step"]) for r in rows)
     schedule = parse_schedule(spec, steps)
     span = abs(schedule(0) - schedule(steps))
     errors = [float(r[key]) - schedule(int(r["step"])) for r in rows
-              if isinstance(r.get(key), (int, float)) and int(r["step"]) >= 1]
+              if isinstance(r.get(key), (int, float)) and int(r["step"]) >= first]
     if not errors or span == 0:
         return {"rms": math.nan, "mae": math.nan, "bias": math.nan, "std": math.nan, "n": float(len(errors))}
     rms = math.sqrt(_mean([e * e for e in errors]))
@@ -72,7 +78,14 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
     train = [r for r in rows if "entropy" in r and not r.get("final")]
     evals = [r for r in rows if "pass_at_1" in r]
     probe, batch = tracking(rows, spec), _batch_error(rows, spec)
+    control = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy")
+    late = tracking(rows, spec, first=SETTLED)
+    control_late = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", first=SETTLED)
     param = any("predicted_entropy_change_logit" in r for r in train)
+    logit = s.get("correlation_logit" if param else "correlation", math.nan)
+    if not math.isnan(control["rms"]):  # the per-position prediction is of the batch's contexts: score it there
+        logit = summarize([{**r, "measured_entropy_change": r["measured_batch_entropy_change"]} for r in rows
+                           if "measured_batch_entropy_change" in r]).get("correlation_logit", math.nan)
     predictor = [r.get("time_predictor", 0.0) for r in train]
     step_time = [r.get("time_step", 0.0) for r in train]
     k = [r["calibration_factor"] for r in train if "calibration_factor" in r]
@@ -82,14 +95,18 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
                                                                               f"{probe['mae']:.1f}%",
         "held-out entropy minus schedule, mean (nats)": f"{probe['bias']:+.3f}",
         "held-out entropy vs schedule, offset removed: std, % of range": f"{probe['std']:.1f}%",
+        "control-set entropy vs schedule: RMS, % of range": "-" if math.isnan(control["rms"]) else
+                                                             f"{control['rms']:.1f}%",
+        f"from step {SETTLED}: held-out / control-set entropy vs schedule, RMS, % of range":
+            f"{late['rms']:.1f}% / " + ("-" if math.isnan(control_late["rms"]) else f"{control_late['rms']:.1f}%"),
         "batch entropy vs schedule: RMS, % of range": f"{batch['rms']:.1f}%",
         "probe entropy, first -> last": f"{f(next(r['probe_entropy'] for r in rows if 'probe_entropy' in r))} -> "
                                         f"{f(rows[-1].get('probe_entropy', math.nan))}",
         "the predictor's prediction vs measured change: correlation / slope":
             f"{s.get('correlation', math.nan):.2f} / {s.get('slope', math.nan):.3g}",
-        "per-position (logit) prediction vs measured: correlation":
-            f"{s.get('correlation_logit' if param else 'correlation', math.nan):.2f}",
-        "exact <dH/dtheta, dtheta> vs measured: correlation": f"{s.get('correlation_exact', math.nan):.4f}",
+        "per-position (logit) prediction vs measured: correlation": f"{logit:.2f}",
+        "exact <dH/dtheta, dtheta> vs measured: correlation": f"{s['correlation_exact']:.4f}"
+                                                              if "correlation_exact" in s else "-",
         "calibration factor k / lr at the end": f"{k[-1]:.3g}" if k else "-",
         "mean accepted fraction of samples": f"{_mean([r['accepted_fraction'] for r in train]):.2f}",
         "held-out pass@1, first -> last evaluation": f"{f(evals[0]['pass_at_1'])} -> {f(evals[-1]['pass_at_1'])}",
@@ -138,6 +155,9 @@ def figure(argv: list[str], out: Path) -> Path:
             ax.plot(*zip(*pts), "o-", color=color, lw=1.8, ms=3.5, label=f"{label}: held-out probe")
             train = [r for r in rows if "entropy" in r and not r.get("final")]
             ax.plot([r["step"] for r in train], [r["entropy"] for r in train], color=color, lw=0.7, alpha=0.45)
+            if any("control_entropy" in r for r in train):
+                ax.plot([r["step"] for r in train], [r["control_entropy"] for r in train], "-.", color=color,
+                        lw=1.2, label=f"{label}: control set")
             if any("entropy_estimate" in r for r in train):
                 ax.plot([r["step"] for r in train], [r["entropy_estimate"] for r in train], ":", color=color,
                         lw=1.2, label=f"{label}: state estimate")

@@ -50,21 +50,29 @@ def test_llm_results_table_is_regenerated_from_the_saved_metrics():
 
 
 CONTROL_RUNS = [
-    "vanilla|linear:0.85->0.65|{data}/llm_vanilla_metrics.jsonl",
-    "logit (default)|linear:0.85->0.65|{data}/llm_entrocraft_metrics.jsonl",
+    "vanilla|linear:0.85->0.65|{data}/llm_control_vanilla_metrics.jsonl",
+    "logit (default)|linear:0.85->0.65|{data}/llm_control_logit_metrics.jsonl",
     "param + estimate|linear:0.85->0.65|{data}/llm_control_param_metrics.jsonl",
-    "vanilla|linear:0.8->0.95|{data}/llm_vanilla_metrics.jsonl|30",
+    "param + control set|linear:0.85->0.65|{data}/llm_control_set_metrics.jsonl",
+    "vanilla|linear:0.8->0.95|{data}/llm_control_vanilla_metrics.jsonl|30",
     "logit (default)|linear:0.8->0.95|{data}/llm_control_logit_rising_metrics.jsonl",
     "param + estimate|linear:0.8->0.95|{data}/llm_control_param_rising_metrics.jsonl",
+    "param + control set|linear:0.8->0.95|{data}/llm_control_set_rising_metrics.jsonl",
+]
+WARMUP_RUNS = [
+    "vanilla|linear:0.85->0.65|{data}/llm_control_warmup_vanilla_metrics.jsonl",
+    "logit (default)|linear:0.85->0.65|{data}/llm_control_warmup_logit_metrics.jsonl",
+    "param + control set|linear:0.85->0.65|{data}/llm_control_warmup_set_metrics.jsonl",
 ]
 
 
-def test_control_table_is_regenerated_from_the_saved_metrics():
-    """docs/llm.md quotes the control table that docs/gen_control_table.py makes from docs/data."""
+@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS], ids=["no-warmup", "warmup"])
+def test_control_table_is_regenerated_from_the_saved_metrics(runs):
+    """docs/llm.md quotes the control tables that docs/gen_control_table.py makes from docs/data."""
     import runpy
 
     gen = runpy.run_path(str(ROOT / "docs" / "gen_control_table.py"))
-    text = gen["table"]([r.format(data=ROOT / "docs" / "data") for r in CONTROL_RUNS])
+    text = gen["table"]([r.format(data=ROOT / "docs" / "data") for r in runs])
     assert text in (ROOT / "docs" / "llm.md").read_text()
 
 
