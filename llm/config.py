@@ -79,7 +79,8 @@ class TrainConfig:
     estimate_process_std: float = _opt(0.01, "nats: what one step's measured change misses of the policy's change")
     control_prompts: int = _opt(
         0, "control the entropy of a fixed control set instead of the batch: this many training prompts, "
-        "fixed_set_samples responses each sampled once from the initial policy (needs --predictor param; 0 = off)")
+        "control_samples responses each sampled once from the initial policy (needs --predictor param; 0 = off)")
+    control_samples: int = _opt(2, "responses per prompt of the control set")
     reward_correct: float = _opt(1.0, "reward of a correct response")
     reward_wrong: float = _opt(-1.0, "reward of a wrong response")
     steps: int = _opt(60, "training steps", section="rollout")
@@ -111,9 +112,9 @@ class TrainConfig:
     eval_temperature: float = _opt(1.0, "sampling temperature of the evaluation")
     probe_every: int = _opt(0, "held-out entropy every N steps: the token-mean entropy of the policy on the fixed "
                             "probe set (0 = off)")
-    probe_prompts: int = _opt(16, "the first held-out prompts, fixed_set_samples responses each sampled once from "
+    probe_prompts: int = _opt(16, "the first held-out prompts, probe_samples responses each sampled once from "
                               "the initial policy at the training temperature: the probe set")
-    fixed_set_samples: int = _opt(2, "responses per prompt of the fixed probe and control sets")
+    probe_samples: int = _opt(2, "responses per prompt of the probe set")
     seed: int = _opt(0, "seed of everything random in the run (data, sampling, methods)", section="run")
     output_dir: str = _opt("runs/llm", "run directory: metrics.jsonl, config.yaml, checkpoint/, figure.png")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
@@ -137,7 +138,8 @@ class TrainConfig:
 
 
 _POSITIVE = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size", "ppo_epochs",
-             "mini_batches", "eval_samples", "pass_k", "max_nan_steps", "fixed_set_samples")
+             "mini_batches", "eval_samples", "pass_k", "max_nan_steps", "probe_samples",
+             "control_samples")
 _NON_NEGATIVE = ("eval_every", "eval_prompts", "probe_every", "probe_prompts", "control_prompts", "checkpoint_every",
                  "plot_every", "warmup_steps", "threads", "stop_after")
 

@@ -493,9 +493,9 @@ class Trainer:
         self.eval_problems = self.task.eval_set(cfg.eval_prompts) if cfg.eval_prompts else []
         probe = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
         # sampled here, from the initial weights, before any checkpoint is loaded: a resumed run has the same sets
-        self.probe_set = self._fixed_set(probe, "probe") if probe else None
+        self.probe_set = self._fixed_set(probe, cfg.probe_samples, "probe") if probe else None
         control = self.task.train_batch(cfg.control_prompts, random.Random(derive_seed(cfg.seed, "control")))
-        self.control_set = self._fixed_set(control, "control") if control else None
+        self.control_set = self._fixed_set(control, cfg.control_samples, "control") if control else None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -553,13 +553,13 @@ class Trainer:
         return lo, problems[lo:lo + share]
 
     @torch.no_grad()
-    def _fixed_set(self, problems: list[Problem], purpose: str) -> FixedSet:
-        """``fixed_set_samples`` responses per prompt, sampled now at the training temperature with one
+    def _fixed_set(self, problems: list[Problem], samples: int, purpose: str) -> FixedSet:
+        """``samples`` responses per prompt, sampled now at the training temperature with one
         generator per prompt seeded by (seed, purpose, the prompt's index); this rank keeps its share."""
         lo, mine = self._my_share(problems)
         with self._full_weights():  # a collective under FSDP: every rank enters, whatever its share
             if mine:
-                prompt_ids, prompt_mask, roll = self._rollout(mine, self.cfg.fixed_set_samples, self.cfg.temperature,
+                prompt_ids, prompt_mask, roll = self._rollout(mine, samples, self.cfg.temperature,
                                                               self._generators(purpose, 0, lo, len(mine)))
         if not mine:  # more ranks than prompts: an empty share
             empty = torch.zeros(0, 1, dtype=torch.long, device=self.device)

@@ -233,8 +233,10 @@ def test_config_converts_and_checks_itself_when_made():
         TrainConfig(control_prompts=4)
     with pytest.raises(UserError, match="--control-prompts and --entropy-estimate are two choices"):
         TrainConfig(control_prompts=4, predictor="param", entropy_estimate=True)
-    with pytest.raises(UserError, match="fixed_set_samples must be >= 1, got 0"):
-        TrainConfig(fixed_set_samples=0)
+    with pytest.raises(UserError, match="probe_samples must be >= 1, got 0"):
+        TrainConfig(probe_samples=0)
+    with pytest.raises(UserError, match="control_samples must be >= 1, got 0"):
+        TrainConfig(control_samples=0)
 
 
 def test_kl_reference_exact_prediction_and_full_forward(tmp_path):
@@ -291,7 +293,7 @@ def test_probe_entropy_is_held_out_and_repeatable(tmp_path):
 
     cfg = TrainConfig(model="smoke", arith_high=4, fewshot=2, prompts_per_step=2, samples_per_prompt=4,
                       max_new_tokens=2, micro_batch_size=8, eval_prompts=0, probe_every=1, probe_prompts=3,
-                      fixed_set_samples=3, method="vanilla", lr=1e-2, plot=False, progress=False, tensorboard=False)
+                      probe_samples=3, method="vanilla", lr=1e-2, plot=False, progress=False, tensorboard=False)
     trainer = Trainer(cfg, tmp_path, reward_fn=lambda roll: torch.tensor([1.0, -1.0]).repeat(roll.mask.shape[0] // 2))
     probe = trainer.probe_set
     first = trainer.probe_entropy()["probe_entropy"]
