@@ -15,9 +15,9 @@ differs by a constant the controller cannot see); and as the standard deviation 
 range), the error with that constant removed. A run that controls a fixed control set (``--control-prompts``)
 is also scored on that set's entropy before each update (``control_entropy``), the quantity it aims at the
 schedule; its per-position prediction, which is of the batch's own contexts, is scored against the batch's
-measured change (``measured_batch_entropy_change``). The "from step 10" row scores the steps ``t >= 10``
-alone, after AdamW's first steps, whose size the sampler cannot choose (docs/llm.md). A run without a
-schedule (vanilla) is scored against the schedule named for it.
+measured change (``measured_batch_entropy_change``, :func:`llm.metrics.measured_pairs`). The "from step 10"
+row scores the steps ``t >= 10`` alone, after AdamW's first steps, whose size the sampler cannot choose
+(docs/llm.md). A run without a schedule (vanilla) is scored against the schedule named for it.
 """
 
 from __future__ import annotations
@@ -83,9 +83,6 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
     control_late = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", first=SETTLED)
     param = any("predicted_entropy_change_logit" in r for r in train)
     logit = s.get("correlation_logit" if param else "correlation", math.nan)
-    if not math.isnan(control["rms"]):  # the per-position prediction is of the batch's contexts: score it there
-        logit = summarize([{**r, "measured_entropy_change": r["measured_batch_entropy_change"]} for r in rows
-                           if "measured_batch_entropy_change" in r]).get("correlation_logit", math.nan)
     predictor = [r.get("time_predictor", 0.0) for r in train]
     step_time = [r.get("time_step", 0.0) for r in train]
     k = [r["calibration_factor"] for r in train if "calibration_factor" in r]

@@ -216,7 +216,7 @@ PRESETS: dict[str, dict[str, object]] = {
         model="embedded", task="arithmetic", arith_low=0, arith_high=14, method="entrocraft-predictive",
         schedule="linear:0.85->0.65", calibration_factor=2e7, steps=50, prompts_per_step=8,
         samples_per_prompt=8, max_new_tokens=4, lr=2e-6, micro_batch_size=64, eval_every=10, eval_prompts=32,
-        eval_samples=8, pass_k=8, probe_every=2, probe_prompts=48, checkpoint_every=10, output_dir="runs/cpu-demo",
+        eval_samples=8, pass_k=8, probe_every=2, probe_prompts=46, checkpoint_every=10, output_dir="runs/cpu-demo",
     ),
     # one GPU: sizes for a single accelerator; pass --model DIR (e.g. a Qwen3 checkpoint) and --dataset FILE
     # (then raise --max-new-tokens, e.g. 1024) for real reasoning data

@@ -38,9 +38,16 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def measured_pairs(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """The predictions ``key`` and the measured changes of every trained (not skipped) step that logged both."""
-    pairs = [(float(r[key]), float(r["measured_entropy_change"])) for r in rows
-             if isinstance(r.get("measured_entropy_change"), (int, float)) and not r.get("skipped")
+    """The predictions ``key`` and the measured changes of every trained (not skipped) step that logged both.
+
+    The per-position prediction (``predicted_entropy_change_logit``) is of the batch's own contexts: in a run
+    that controls a fixed set (``--control-prompts``, where ``measured_entropy_change`` is the set's) it is
+    paired with the batch's measured change, ``measured_batch_entropy_change``."""
+    measured_key = "measured_entropy_change"
+    if key == "predicted_entropy_change_logit" and any("measured_batch_entropy_change" in r for r in rows):
+        measured_key = "measured_batch_entropy_change"
+    pairs = [(float(r[key]), float(r[measured_key])) for r in rows
+             if isinstance(r.get(measured_key), (int, float)) and not r.get("skipped")
              and isinstance(r.get(key), (int, float))]
     return [p for p, _ in pairs], [m for _, m in pairs]
 

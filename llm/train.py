@@ -221,8 +221,9 @@ class _ResponseForward(torch.nn.Module):
 
 
 class FirstOrder:
-    """The exact first-order change ``<dH/dtheta, theta_after - theta_before>`` of the batch's token-mean
-    entropy (parameter space, known after the update; docs/theory.md): the entropy gradient accumulated
+    """The exact first-order change ``<dH/dtheta, theta_after - theta_before>`` of a token-mean entropy (the
+    batch's, or with ``--control-prompts`` the control set's; parameter space, known after the update;
+    docs/theory.md): the entropy gradient accumulated
     over micro-batches and summed over ranks, and the weights before the update.
 
     Replicated weights (one process, DDP): ``torch.autograd.grad`` per micro-batch, then an all-reduce.
@@ -547,7 +548,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def _my_share(self, problems: list[Problem]) -> tuple[int, list[Problem]]:
-        """This rank's contiguous share of a list of held-out problems (first index, problems)."""
+        """This rank's contiguous share of a list of problems (first index, problems): ``ceil(n / world)`` each,
+        so the last ranks may get fewer or none."""
         share = -(-len(problems) // self.dist.world)
         lo = min(self.dist.rank * share, len(problems))
         return lo, problems[lo:lo + share]
@@ -561,7 +563,7 @@ class Trainer:
             if mine:
                 prompt_ids, prompt_mask, roll = self._rollout(mine, samples, self.cfg.temperature,
                                                               self._generators(purpose, 0, lo, len(mine)))
-        if not mine:  # more ranks than prompts: an empty share
+        if not mine:  # a rank past the last share (e.g. 5 prompts on 4 ranks: shares of 2, 2, 1, 0)
             empty = torch.zeros(0, 1, dtype=torch.long, device=self.device)
             none = torch.zeros(0, 1, device=self.device)
             prompt_ids, prompt_mask = empty, empty
@@ -577,8 +579,9 @@ class Trainer:
         ranks; with ``first_order`` its gradient is accumulated too (one backward per micro-batch)."""
         total = 0.0
         mask = fixed.roll.mask
+        chunks = torch.arange(mask.shape[0], device=self.device).split(self.cfg.micro_batch_size)
         with torch.enable_grad() if first_order is not None else torch.no_grad(), self._full_weights():
-            for rows in torch.arange(mask.shape[0], device=self.device).split(self.cfg.micro_batch_size):
+            for rows in chunks if mask.shape[0] else ():  # an empty share still joins the sums below
                 ent = policy_entropy(self._plain_logits(self.model, fixed, rows))
                 if first_order is not None:
                     first_order.accumulate(masked_token_mean(ent, mask[rows], fixed.n_tokens))
@@ -830,7 +833,8 @@ class Trainer:
 
     def _control_entropy(self, batch: Batch, entropy: float) -> tuple[float, dict[str, float]]:
         """The entropy the method controls: the batch entropy, or with ``--entropy-estimate`` the state
-        estimate updated by it (and the estimate's metrics)."""
+        estimate updated by it (and the estimate's metrics). With ``--control-prompts`` :meth:`_plan` replaces
+        it by the control set's entropy."""
         if self.estimate is None:
             return entropy, {}
         mask = batch.mask

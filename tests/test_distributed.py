@@ -106,9 +106,9 @@ CASES: dict[str, tuple[str, ...]] = {
     # the rounding of differently composed micro-batches by 1/h) and the Kalman entropy estimate
     "param": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
               "--param-derivative", "jvp", "--entropy-estimate"),
-    # a fixed control set split over the ranks (3 prompts: 2 on one, 1 on the other), its gradient all-reduced
+    # a fixed control set of one prompt: the second rank's share is empty, yet it joins the all-reduces
     "control": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
-                "--param-derivative", "jvp", "--control-prompts", "3"),
+                "--param-derivative", "jvp", "--control-prompts", "1"),
     # whole-batch covariance selections (random detach for Clip-Cov; top fraction for KL-Cov)
     "clip-cov": ("--method", "clip-cov", "--method-options", "{ratio: 0.2, lb: -10.0, ub: 10.0}"),
     "kl-cov": ("--method", "kl-cov", "--method-options", "{ratio: 0.2}", "--ppo-epochs", "2", "--kl-coef",

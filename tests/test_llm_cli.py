@@ -308,6 +308,8 @@ def test_probe_entropy_is_held_out_and_repeatable(tmp_path):
     again = Trainer(cfg, tmp_path)
     again.load_checkpoint(tmp_path / "checkpoint")
     assert torch.equal(again.probe_set.roll.tokens, probe.roll.tokens)
+    # the sampling-time entropies are those of the initial weights: the set was not sampled again after the load
+    assert torch.equal(again.probe_set.roll.stats.entropy, probe.roll.stats.entropy)
     assert again.probe_entropy()["probe_entropy"] == pytest.approx(trainer.probe_entropy()["probe_entropy"], abs=1e-6)
     assert again.probe_entropy()["probe_entropy"] != first  # the step moved it
     code, out = run_cli(tmp_path, "probe", "--steps", "2", "--probe-every", "2", "--probe-prompts", "2")

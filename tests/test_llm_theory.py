@@ -129,8 +129,6 @@ def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, 
                                               pytest.approx(min(1.0, grad_clip / r["grad_norm"]), rel=1e-5))
     assert not grad_clip or min(r["predicted_clip_factor"] for r in trained) < 0.8  # the clip acted
     if control_prompts:  # the controlled, predicted and measured entropy are the control set's
-        for r in rows:
-            assert r["control_entropy"] != r["entropy"]
         for a, b in zip(rows, rows[1:]):
             assert b["control_entropy"] == pytest.approx(a["control_entropy"] + a["measured_entropy_change"],
                                                          abs=1e-6)
@@ -139,3 +137,18 @@ def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, 
         assert all("measured_batch_entropy_change" in r for r in trained)
     else:
         assert all("control_entropy" not in r for r in rows)
+
+
+@pytest.mark.parametrize("lr", [1e-3, 5e-4])
+def test_control_set_first_order_change_matches_its_measured_change(tmp_path, lr):
+    """The control set's entropy gradient is that of the value the trainer measures: after a small SGD step,
+    <grad H_C, dtheta> (from the gradient) equals the measured change of H_C (from two evaluations) up to the
+    second-order term, which shrinks in proportion to the step (measured 6.2% at lr 1e-3, 3.3% at 5e-4)."""
+    cfg = TrainConfig(**{**PRESETS["smoke"], "optimizer": "sgd", "lr": lr, "grad_clip": 0.0, "eval_prompts": 0,
+                         "method": "vanilla", "predictor": "param", "control_prompts": 4})
+    trainer = Trainer(cfg, Path(tmp_path), reward_fn=constructed_rewards("lower"))
+    row = trainer.train_step(0)
+    assert row.get("skipped") is None
+    measured, exact = row["measured_entropy_change"], row["exact_predicted_entropy_change"]
+    assert abs(measured) > 1e-6
+    assert exact == pytest.approx(measured, rel=0.1 * lr / 1e-3)
