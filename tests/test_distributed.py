@@ -106,9 +106,9 @@ CASES: dict[str, tuple[str, ...]] = {
     # the rounding of differently composed micro-batches by 1/h) and the Kalman entropy estimate
     "param": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
               "--param-derivative", "jvp", "--entropy-estimate"),
-    # a fixed control set of one prompt: the second rank's share is empty, yet it joins the all-reduces
+    # a fixed control set split over the ranks (3 prompts: 2 on one, 1 on the other), its gradient all-reduced
     "control": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
-                "--param-derivative", "jvp", "--control-prompts", "1"),
+                "--param-derivative", "jvp", "--control-prompts", "3"),
     # whole-batch covariance selections (random detach for Clip-Cov; top fraction for KL-Cov)
     "clip-cov": ("--method", "clip-cov", "--method-options", "{ratio: 0.2, lb: -10.0, ub: 10.0}"),
     "kl-cov": ("--method", "kl-cov", "--method-options", "{ratio: 0.2}", "--ppo-epochs", "2", "--kl-coef",
@@ -124,7 +124,8 @@ CASES: dict[str, tuple[str, ...]] = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_make_the_decisions_of_one(tmp_path, case):
-    args = ("--steps", "3", "--eval-every", "2", "--probe-every", "1", "--probe-prompts", "3", *CASES[case])
+    # a probe of one prompt: the second rank's share is empty, yet it joins the sums (and FSDP's gathers)
+    args = ("--steps", "3", "--eval-every", "2", "--probe-every", "1", "--probe-prompts", "1", *CASES[case])
     one_process(tmp_path / "one", *args)
     torchrun(tmp_path / "two", 2, *args, *(("--fsdp",) if case == "fsdp" else ()))
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
