@@ -793,9 +793,6 @@ class Trainer:
         scale = self._normaliser_scale(batch)
         lr_now = self.optimizer.param_groups[0]["lr"]
         control, extra = self._control_entropy(batch, entropy)
-        if batch.param is not None and batch.param.control_entropy is not None:
-            control = batch.param.control_entropy  # --control-prompts: the control set's, measured exactly
-            extra["control_entropy"] = control
         drift = 0.0
         if batch.param is not None:
             # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the methods take contributions
@@ -832,9 +829,11 @@ class Trainer:
         return (batch.n_tokens / n_mb)[batch.mini_batch].unsqueeze(-1)
 
     def _control_entropy(self, batch: Batch, entropy: float) -> tuple[float, dict[str, float]]:
-        """The entropy the method controls: the batch entropy, or with ``--entropy-estimate`` the state
-        estimate updated by it (and the estimate's metrics). With ``--control-prompts`` :meth:`_plan` replaces
-        it by the control set's entropy."""
+        """The entropy the method controls: the batch entropy, with ``--entropy-estimate`` the state estimate
+        updated by it (and the estimate's metrics), with ``--control-prompts`` the control set's entropy before
+        the update (measured by the predictor)."""
+        if batch.param is not None and batch.param.control_entropy is not None:
+            return batch.param.control_entropy, {"control_entropy": batch.param.control_entropy}
         if self.estimate is None:
             return entropy, {}
         mask = batch.mask
