@@ -1,25 +1,26 @@
 """Cost of ``llm.train --predictor param`` (docs/theory.md §5.5) as a share of its training step.
 
-Two trainers of the same configuration, side by side in one process, steps interleaved (param, logit,
-param, ...; two warm-up steps each, then the timed ones):
+Three trainers of the same configuration, side by side in one process, steps interleaved (param, control,
+logit, param, ...; two warm-up steps each, then the timed ones):
 
-* ``--predictor param``: the parameter-space contributions before the update (a forward and backward for
-  ``grad Hbar``, under AdamW a second backward for the reference gradient, the optimiser's step direction,
-  two no-grad forwards for the central difference);
-* ``--predictor param --control-prompts 32``: the same with the gradient of a fixed control set's entropy
-  (its forward and backward; the batch's forward is then needed only for AdamW's reference gradient and
-  the centre of the difference) in place of the batch's, and one more no-grad forward of the set after
-  the update (its measured change, in the measure phase);
+* ``--predictor param``: the parameter-space contributions before the update (a backward for ``grad Hbar``
+  from the forward the update reuses, the optimiser's step direction, two no-grad forwards for the central
+  difference; AdamW's reference gradient is the update's own whole-batch gradient, ``--fused-update``);
+* ``--predictor param --control-prompts 32 --control-gradient-every 4 --param-derivative forward``: the gradient
+  of a fixed control set's entropy, taken every 4 steps (its forward and backward), the one-sided difference
+  (one no-grad forward against the update's own forward), and the set's entropy measured after each update;
 * ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics.
 
 Configuration: the ``cpu-demo`` preset (the embedded SmolLM2-135M in float32, 8 prompts x 8 samples, at most 4
 new tokens, AdamW) without evaluation, probe, checkpoints or figures; the smoke mode
 (``ENTROCRAFT_BENCH_SMOKE=1``) uses the ``smoke`` preset (a tiny random Llama) for a few steps.
 
-Recorded (medians over the timed steps): the predictor phase's share of the param trainer's step
-(``time_predictor / time_step``, the trainer's own phase clock), the whole param step over the whole logit step,
-and the predictor over the rest of the param step; the first two also for the control-set trainer. Run:
-``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 5 minutes).
+Recorded (means over the timed steps, a whole number of control-gradient periods): the predictor phase's share
+of each param trainer's step (``time_predictor / time_step``, the trainer's own phase clock, which books the
+update's forward and whole-batch backward, done early for the update, to the update), and the extra time of
+each param step over the logit step as a share of the param step, ``(t_param - t_logit) / t_param``: what the
+parameter-space contributions cost, whatever phase pays it. Run:
+``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 6 minutes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from common import SMOKE, record_ratio
 
 pytest.importorskip("transformers")
 
-WARMUP_STEPS, TIMED_STEPS = (1, 2) if SMOKE else (2, 4)
+WARMUP_STEPS, TIMED_STEPS = (1, 2) if SMOKE else (2, 8)
+CONTROL_GRADIENT_EVERY = 2 if SMOKE else 4  # divides TIMED_STEPS: every period timed whole
 
 
 def make_trainer(predictor: str, out_dir):
@@ -41,7 +43,8 @@ def make_trainer(predictor: str, out_dir):
 
     options = dict(PRESETS["smoke" if SMOKE else "cpu-demo"])
     if predictor == "control":
-        options.update(control_prompts=4 if SMOKE else 32)
+        options.update(control_prompts=4 if SMOKE else 32, control_gradient_every=CONTROL_GRADIENT_EVERY,
+                       param_derivative="forward")
     options.update(predictor="logit" if predictor == "logit" else "param", method="entrocraft-predictive",
                    schedule="linear:0.85->0.65",
                    steps=WARMUP_STEPS + TIMED_STEPS, eval_every=0, probe_every=0, checkpoint_every=0, plot=False,
@@ -63,28 +66,20 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
                     rows[name].append(row)
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    step = {name: statistics.median(r["time_step"] for r in rs) for name, rs in rows.items()}
-    predictor = statistics.median(r["time_predictor"] for r in rows["param"])
-    share = statistics.median(r["time_predictor"] / r["time_step"] for r in rows["param"])
+    step = {name: statistics.mean(r["time_step"] for r in rs) for name, rs in rows.items()}
+    predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name]) for name in ("param", "control")}
     size = "cpu-demo (SmolLM2-135M fp32, 8x8 samples, <= 4 tokens)" if not SMOKE else "smoke model"
-    record_ratio("llm.train --predictor param: predictor / its step", share,
-                 "time of the predictor phase / the whole step (median)", size)
-    record_ratio("llm.train --predictor param vs logit: whole step", step["param"] / step["logit"],
-                 "param step time / logit step time (medians, interleaved)", size)
-    rest = step["param"] - predictor
-    record_ratio("llm.train --predictor param: predictor / the rest of its step", predictor / rest,
-                 "predictor time / (step - predictor) (medians)", size)
-    control_share = statistics.median(r["time_predictor"] / r["time_step"] for r in rows["control"])
-    record_ratio("llm.train --predictor param --control-prompts: predictor / its step", control_share,
-                 "time of the predictor phase / the whole step (median)", size)
-    record_ratio("llm.train --predictor param --control-prompts vs logit: whole step",
-                 step["control"] / step["logit"], "control-set step time / logit step time (medians, interleaved)",
-                 size)
-    benchmark.extra_info.update(step_param_s=step["param"], step_logit_s=step["logit"], predictor_s=predictor,
-                                share=share, step_control_s=step["control"], control_share=control_share)
-    print(f"\n--predictor param: step {step['param']:.2f} s (predictor {predictor:.2f} s, {share:.0%} of the step); "
-          f"with a control set: step {step['control']:.2f} s ({control_share:.0%}); "
-          f"--predictor logit: step {step['logit']:.2f} s")
+    for name, label in (("param", "llm.train --predictor param"),
+                        ("control", "llm.train --predictor param --control-prompts (gradient every "
+                                    f"{CONTROL_GRADIENT_EVERY} steps, one-sided difference)")):
+        record_ratio(f"{label}: predictor / its step", predictor[name] / step[name],
+                     "time of the predictor phase / the whole step (means)", size)
+        record_ratio(f"{label}: extra over the logit step / its step", (step[name] - step["logit"]) / step[name],
+                     "(param step - logit step) / param step (means, interleaved)", size)
+        record_ratio(f"{label} vs logit: whole step", step[name] / step["logit"],
+                     "param step time / logit step time (means, interleaved)", size)
+    benchmark.extra_info.update(step_s=step, predictor_s=predictor)
+    print(f"\nsteps (s): {step}; predictor phases (s): {predictor}")
     assert all(r.get("predicted_entropy_change") is not None for r in rows["param"])
     assert all("control_entropy" in r for r in rows["control"])
-    assert 0 < share < 1
+    assert all(0 < predictor[n] < step[n] for n in predictor)

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: how the directional derivative of the logits is taken
-DERIVATIVE_METHODS = ("fd", "jvp")
+DERIVATIVE_METHODS = ("fd", "forward", "jvp")
 
 #: default finite-difference step of :func:`param_space_contributions`, as the largest first-order change of
 #: ``Hbar`` (nats) the perturbation can cause, ``h ||grad Hbar|| ||G grad Hbar|| = fd_step``, per dtype; chosen where
@@ -495,15 +495,18 @@ def _check_mask_shape(mask: Tensor, logits: Tensor, name: str = "mask") -> None:
 
 def logit_directional_derivative(
     logits_fn: LogitsFn, params: Sequence[Tensor], direction: Sequence[Tensor], method: str = "fd",
-    step: float | Tensor | None = None, batch_dims: int = 0,
+    step: float | Tensor | None = None, batch_dims: int = 0, base: Tensor | None = None,
 ) -> Tensor:
     """Directional derivative of all logits along ``direction``: ``d/de logits(theta + e d)`` (eq. 5.4).
 
     ``method="jvp"``: one forward-mode pass (:func:`torch.func.jvp`; exact, needs every op of the model to
     support forward AD). ``method="fd"``: ``(logits(theta + h d) - logits(theta - h d)) / (2 h)`` from two
     no-grad forwards with ``h = step`` (a number, or ``[S]`` per model when ``batch_dims`` = 1; required);
-    error ``O(h^2)`` (third derivative) plus rounding ``O(eps_dtype / h)``. Returns the logits' shape,
-    float64 for float64 logits, else float32.
+    error ``O(h^2)`` (third derivative) plus rounding ``O(eps_dtype / h)``. ``method="forward"``:
+    ``(logits(theta + h d) - base) / h`` with ``base = logits(theta)`` (pass the logits a caller already has,
+    e.g. those of the update's own forward, and it costs one no-grad forward); error ``O(h)`` (second
+    derivative) plus rounding ``O(eps_dtype / h)``. Returns the logits' shape, float64 for float64 logits,
+    else float32.
     """
     if method not in DERIVATIVE_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DERIVATIVE_METHODS}")
@@ -527,9 +530,14 @@ def logit_directional_derivative(
 
     with torch.no_grad():
         plus = _call(logits_fn, tuple(p + shaped(h, p) * d for p, d in zip(params, direction)))
-        minus = _call(logits_fn, tuple(p - shaped(h, p) * d for p, d in zip(params, direction)))
+        if method == "forward":
+            minus, h_total = (_call(logits_fn, params) if base is None else base.detach()), h
+            if minus.shape != plus.shape:
+                raise ValueError(f"base logits {tuple(minus.shape)} must have the logits' shape {tuple(plus.shape)}")
+        else:
+            minus, h_total = _call(logits_fn, tuple(p - shaped(h, p) * d for p, d in zip(params, direction))), 2 * h
         out_dtype = torch.float64 if plus.dtype == torch.float64 else torch.float32
-        denom = shaped(2 * h, plus.to(out_dtype))
+        denom = shaped(h_total, plus.to(out_dtype))
         diff = plus.to(out_dtype) - minus.to(out_dtype)
         return torch.where(denom > 0, diff / denom.clamp(min=1e-300), torch.zeros_like(diff))
 
@@ -660,7 +668,8 @@ def param_space_contributions(
     preconditioner : the coming step, :func:`preconditioner_from_optimizer` or the constructors.
     mask : ``[...]`` bool, the tokens of both ``Hbar`` and the loss (default all).
     normalizer : the loss normaliser ``N`` (default the per-model mask count ``M``); number or ``[batch]``.
-    method : ``"fd"`` (default) or ``"jvp"``, see :func:`logit_directional_derivative`.
+    method : ``"fd"`` (default), ``"forward"`` (one-sided, from the logits already computed) or ``"jvp"``, see
+        :func:`logit_directional_derivative`.
     fd_step : the FD step as the largest first-order change of ``Hbar`` it can cause,
         ``h ||grad Hbar|| ||G grad Hbar||`` (nats; default ``DEFAULT_FD_STEP`` of the parameters' dtype):
         a function-space size, so the same value suits any parameterisation.
@@ -694,7 +703,7 @@ def param_space_contributions(
         raise ValueError(f"tokens out of range [0, {vocab}) at masked-in positions")
     direction = tuple(k * g for k, g in zip(preconditioner.gain, grad_h))
     step = None
-    if method == "fd":
+    if method in ("fd", "forward"):
         # h such that the perturbation can move Hbar by at most fd_step nats to first order (Cauchy-Schwarz,
         # h ||grad Hbar|| ||d|| = fd_step): a function-space step size; d may be indefinite (linearised Adam)
         size = torch.sqrt(first_order_entropy_change(grad_h, grad_h, batch_dims)
@@ -702,7 +711,8 @@ def param_space_contributions(
         rel = DEFAULT_FD_STEP.get(params[0].dtype, 1e-3) if fd_step is None else _check_hyper(
             fd_step, "fd_step", open_low=True)
         step = torch.where(size > 0, rel / size.clamp(min=1e-300), torch.zeros_like(size))
-    tangent = logit_directional_derivative(logits_fn, params, direction, method, step, batch_dims)
+    tangent = logit_directional_derivative(logits_fn, params, direction, method, step, batch_dims,
+                                           base=logits if method == "forward" else None)
     safe_tokens = torch.where(mask, tokens, torch.zeros_like(tokens))
     s = log_prob_tangent(logits, tangent, safe_tokens)
     dtype = s.dtype

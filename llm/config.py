@@ -72,8 +72,13 @@ class TrainConfig:
     rule: Literal["pg", "npg"] = _opt("pg", "per-token prediction rule of the logit predictor")
     predictor: Literal["logit", "param"] = _opt(
         "logit", "contributions the sampler selects on: logit (per position) or param (parameter space)")
-    param_derivative: Literal["fd", "jvp"] = _opt(
-        "fd", "param predictor: fd (two forwards) or jvp (exact, eager attention)")
+    param_derivative: Literal["fd", "forward", "jvp"] = _opt(
+        "fd", "param predictor: fd (central difference, two forwards), forward (one-sided, one forward beside "
+        "the update's; error O(h)) or jvp (exact, eager attention)")
+    fused_update: bool = _opt(
+        True, "param predictor: the update reuses the predictor's forward and whole-batch gradient and back-propagates "
+        "only the rejected samples' correction (one process, one PPO epoch, one mini-batch, no reference KL; "
+        "otherwise, or for a plan that detaches tokens or adds an entropy term, the usual update runs)")
     entropy_estimate: bool = _opt(False, "control a Kalman estimate of the policy's entropy instead of the batch "
                                   "entropy")
     estimate_process_std: float = _opt(0.01, "nats: what one step's measured change misses of the policy's change")
@@ -81,6 +86,9 @@ class TrainConfig:
         0, "control the entropy of a fixed control set instead of the batch: this many training prompts, "
         "control_samples responses each sampled once from the initial policy (needs --predictor param; 0 = off)")
     control_samples: int = _opt(2, "responses per prompt of the control set")
+    control_gradient_every: int = _opt(
+        1, "take the control set's entropy gradient every N steps and reuse it in between (its entropy is still "
+        "measured after every update)")
     reward_correct: float = _opt(1.0, "reward of a correct response")
     reward_wrong: float = _opt(-1.0, "reward of a wrong response")
     steps: int = _opt(60, "training steps", section="rollout")
@@ -139,7 +147,7 @@ class TrainConfig:
 
 _POSITIVE = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size", "ppo_epochs",
              "mini_batches", "eval_samples", "pass_k", "max_nan_steps", "probe_samples",
-             "control_samples")
+             "control_samples", "control_gradient_every")
 _NON_NEGATIVE = ("eval_every", "eval_prompts", "probe_every", "probe_prompts", "control_prompts", "checkpoint_every",
                  "plot_every", "warmup_steps", "threads", "stop_after")
 

@@ -95,6 +95,9 @@ MIN_ACCEPTED_FRACTION = 1e-3
 # 8.4e-5 at 3e-2 and 9.1e-4 at 1e-1 nats, and that of the prediction on the tiny test model 2e-4 at 1e-2 and
 # 2.2e-3 at 3e-2 (truncation); 1e-2 suits both
 PARAM_FD_CHANGE = 1e-2
+# nats of first-order change along the one-sided difference's step (``--param-derivative forward``): its error is
+# truncation O(h) above and rounding O(1/h) below (measured on SmolLM2, docs/theory.md §5.4)
+PARAM_FORWARD_CHANGE = 3e-3
 CLIP_NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ scales by max_norm / (norm + 1e-6)
 MISSING_WEIGHTS_SHOWN = 3  # names of missing weights quoted when a checkpoint does not fit the model
 MAX_TASK_WARNINGS = 20  # at most this many of the task's warnings (malformed dataset records) are printed
@@ -290,13 +293,20 @@ class ParamDirection:
     the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), the
     entropy gradient (reused for the exact first-order term after the update), ``clip_factor``, the
     expected scale of the coming gradient by gradient clipping (included in ``directional``), and with a
-    control set ``control_entropy``, its entropy before the update (``Hbar`` is then the control set's)."""
+    control set ``control_entropy``, its entropy before the update (``Hbar`` is then the control set's).
+    With ``--fused-update``: ``whole_gradient``, the loss gradient with every sample accepted (this rank's
+    rows, summed over ranks), and ``before``, the pre-update policy on the batch, both from the predictor's
+    forward, which the update reuses; ``update_seconds``, the time of that forward and backward, the update's
+    own work done early (the step's clock books it to the update)."""
 
     directional: torch.Tensor
     drift: float
     first_order: FirstOrder
     clip_factor: float = 1.0
     control_entropy: float | None = None
+    whole_gradient: list[torch.Tensor] | None = None
+    before: _Before | None = None
+    update_seconds: float = 0.0
 
 
 @dataclass
@@ -417,8 +427,15 @@ class _PhaseClock:
     def time(self, phase: str, fn: Callable, *args):
         t0 = time.perf_counter()
         out = fn(*args)
-        self.laps[f"time_{phase}"] = time.perf_counter() - t0
+        key = f"time_{phase}"
+        self.laps[key] = self.laps.get(key, 0.0) + time.perf_counter() - t0
         return out
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Book ``seconds`` of phase ``source`` to phase ``target`` (work one phase did for another)."""
+        if seconds:
+            self.laps[f"time_{source}"] -= seconds
+            self.laps[f"time_{target}"] = self.laps.get(f"time_{target}", 0.0) + seconds
 
     def stamp(self, row: dict, rows: int) -> dict:
         """``row`` with the phase times, ``time_step`` and ``tokens_per_s`` (``rows`` responses)."""
@@ -490,6 +507,10 @@ class Trainer:
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.estimate = EntropyStateEstimate() if cfg.entropy_estimate else None
         self.last_accepted_fraction = 1.0  # AdamW's reference gradient for the parameter-space predictor
+        # the control set's entropy after the last update (measured) and its gradient (taken every
+        # control_gradient_every steps); None: take them afresh
+        self.control_value: float | None = None
+        self.control_gradient: list[torch.Tensor] | None = None
         self.nan_streak = 0
         self.eval_problems = self.task.eval_set(cfg.eval_prompts) if cfg.eval_prompts else []
         probe = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
@@ -635,7 +656,8 @@ class Trainer:
         torch.manual_seed(derive_seed(self.cfg.seed, "torch", step))  # any randomness inside the method
         batch = clock.time("generate", self._sample, step)
         if self.cfg.predictor == "param":
-            batch.param = clock.time("predictor", self._param_directional, batch)
+            batch.param = clock.time("predictor", self._param_directional, batch, step)
+            clock.move("predictor", "update", batch.param.update_seconds)
         planned = self._plan(step, batch)
         updated = None if planned.plan.skip else clock.time("update", self._update, batch, planned.plan)
         self._scheduler_step()  # one learning-rate step per training step, skipped or not
@@ -644,6 +666,8 @@ class Trainer:
         measured = None
         if updated is not None and updated.finite and self.cfg.measure_entropy_change:
             measured = clock.time("measure", self._measure, batch, updated.before)
+        elif updated is not None:
+            self.control_value = None  # the weights may have moved unmeasured: the next step measures the control set
         row = self._metrics(step, batch, planned, updated, measured)
         self._advance_estimate(float(row.get("measured_entropy_change", row["predicted_entropy_change"])))
         return clock.stamp(row, self.cfg.prompts_per_step * self.cfg.samples_per_prompt)
@@ -704,13 +728,37 @@ class Trainer:
                  self.cfg.share_prompt_prefix))
         return logits.float() / self.cfg.temperature
 
-    def _param_directional(self, batch: Batch) -> ParamDirection:
+    def _fusable(self) -> bool:
+        """Whether the update can reuse the predictor's forward and whole-batch gradient (``--fused-update``):
+        one process (DDP reduces gradients only in its own backward), one PPO epoch and one mini-batch (every
+        other pass sees an updated policy), and no reference KL (its term needs the update's forward)."""
+        cfg = self.cfg
+        return (cfg.fused_update and cfg.predictor == "param" and not self.dist.enabled and cfg.ppo_epochs == 1
+                and cfg.mini_batches == 1 and self.ref_model is None)
+
+    def _control_direction(self, first_order: FirstOrder, step: int) -> float:
+        """The control set's entropy before this step's update and its gradient (into ``first_order``): a
+        forward and backward of the set every ``control_gradient_every`` steps (and whenever the value or the
+        gradient is unknown, e.g. after a resume); in between the gradient last taken and the entropy measured
+        after the last update (docs/theory.md §5.6c)."""
+        every = self.cfg.control_gradient_every
+        if self.control_gradient is None or self.control_value is None or step % every == 0:
+            self.control_value = self.fixed_set_entropy(self.control_set, first_order)
+            first_order.reduce(self.dist)
+            self.control_gradient = first_order.grad if every > 1 else None
+            return self.control_value
+        first_order.grad = self.control_gradient
+        first_order.ready = True
+        return self.control_value
+
+    def _param_directional(self, batch: Batch, step: int) -> ParamDirection:
         """Parameter-space per-token contributions before the update (docs/theory.md §5).
 
         One forward of this rank's rows and a backward pass from it give ``grad Hbar`` (the batch's
         token-mean entropy), summed over micro-batches and ranks; with a control set (``--control-prompts``)
         ``Hbar`` is the control set's token-mean entropy instead, from a forward and backward of its fixed
-        contexts (docs/theory.md §5.6b), and the batch's forward is a no-grad one unless ``g_all`` needs it.
+        contexts (docs/theory.md §5.6b; reused for ``control_gradient_every`` steps, §5.6c), and the batch's
+        forward is a no-grad one unless ``g_all`` needs it.
         Under AdamW or gradient clipping a second backward from the same forward gives ``g_all`` (below);
         the expected clip factor ``min(1, grad_clip / ||f g_all||)`` scales ``G`` and the linearisation point
         (eq. 5.2c). The
@@ -721,10 +769,14 @@ class Trainer:
         the same forward), which also covers its first step and parameters this batch touches for the first
         time. (Holding ``vhat`` fixed instead saves that backward but predicted 4-26x the change in the first
         steps on SmolLM2, and linearising about the last update's gradient 1.3-7.6x; docs/theory.md §5.2b.)
-        Two no-grad forwards at
-        ``theta +- h G grad Hbar`` give every token's ``s_t`` (central difference with
-        ``h <grad Hbar, G grad Hbar> = PARAM_FD_CHANGE``,
-        :func:`~entrotheory.param_space.logit_directional_derivative`)."""
+        With ``--fused-update`` (:meth:`_fusable`) the forward and ``g_all`` are the update's own: the update
+        adds the rejected samples' correction to ``g_all`` (:meth:`_fused_update`) instead of a forward and
+        backward of the whole batch.
+        Every token's ``s_t`` is the directional derivative of its log-prob along ``G grad Hbar``
+        (:func:`~entrotheory.param_space.logit_directional_derivative`): ``fd``, a central difference of two
+        no-grad forwards at ``theta +- h G grad Hbar``; ``forward``, one forward at ``theta + h G grad Hbar``
+        against the logits of the forward above; ``h <grad Hbar, G grad Hbar>`` = ``PARAM_FD_CHANGE`` resp.
+        ``PARAM_FORWARD_CHANGE`` nats."""
         cfg, d = self.cfg, self.dist
         local_mask = batch.local_mask
         B, T = local_mask.shape
@@ -733,28 +785,41 @@ class Trainer:
         norm = torch.tensor(batch.mini_batch_tokens, device=self.device)[batch.mini_batch[batch.rows]].unsqueeze(-1)
         first_order = FirstOrder(self.params, sharded=False)
         adam = isinstance(self.optimizer, torch.optim.Adam)
-        loss_grad = (FirstOrder(self.params, sharded=False, keep_start=False) if adam or cfg.grad_clip > 0
+        fused = self._fusable()
+        loss_grad = (FirstOrder(self.params, sharded=False, keep_start=False) if adam or cfg.grad_clip > 0 or fused
                      else None)
         chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
         centre = []
         self.model.eval()
         control = None
         if self.control_set is not None:  # the controlled entropy is the control set's: its value and gradient
-            control = self.fixed_set_entropy(self.control_set, first_order)
+            control = self._control_direction(first_order, step)
+        t_update = 0.0
         for rows in chunks:
+            t0 = time.perf_counter()
             with torch.enable_grad() if control is None or loss_grad is not None else torch.no_grad():
                 logits = self._plain_logits(self.model, batch, rows)
+                t_forward = time.perf_counter() - t0
                 if control is None:
                     first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
                 if loss_grad is not None:
+                    t1 = time.perf_counter()
                     lp = response_log_probs(logits, batch.roll.tokens[rows])
                     loss_grad.accumulate(torch.where(local_mask[rows], -adv[rows] * lp / norm[rows], 0.0).sum())
+                    if fused:  # the update's own forward and whole-batch backward, done here
+                        t_update += t_forward + time.perf_counter() - t1
             centre.append(logits.detach())
         first_order.reduce(d)
-        reference, clip = None, 1.0
+        reference, clip, whole, before = None, 1.0, None, None
         if loss_grad is not None:
             loss_grad.reduce(d)
             reference = [self.last_accepted_fraction * g for g in loss_grad.grad]
+            if fused:
+                whole = loss_grad.grad
+                before = _Before(torch.zeros(B, T, device=self.device), torch.zeros(B, T, device=self.device),
+                                 first_order)
+                for rows, z in zip(chunks, centre):
+                    before.store(rows, response_log_probs(z, batch.roll.tokens[rows]), z, batch, None, m_total)
             del loss_grad
             clip = self._expected_clip_factor(reference)
             for g in reference:
@@ -765,15 +830,17 @@ class Trainer:
             for x in direction:
                 x.mul_(clip)
         curvature = float(first_order_entropy_change(first_order.grad, direction))  # <grad H, G grad H> >= 0
-        h = PARAM_FD_CHANGE / curvature if curvature > 0 else 0.0
+        method = cfg.param_derivative
+        change = PARAM_FORWARD_CHANGE if method == "forward" else PARAM_FD_CHANGE
+        h = change / curvature if curvature > 0 else 0.0
         s = torch.zeros(B, T, device=self.device)
         for rows, z in zip(chunks, centre):
-            tangent = logit_directional_derivative(lambda ps, r=rows: self._functional_logits(ps, batch, r),
-                                                   self.params, direction, cfg.param_derivative,
-                                                   h if cfg.param_derivative == "fd" else None)
+            tangent = logit_directional_derivative(
+                lambda ps, r=rows: self._functional_logits(ps, batch, r), self.params, direction, method,
+                h if method != "jvp" else None, base=z if method == "forward" else None)
             tokens = batch.roll.tokens[rows]
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
-        return ParamDirection(d.gather_rows(s), drift, first_order, clip, control)
+        return ParamDirection(d.gather_rows(s), drift, first_order, clip, control, whole, before, t_update)
 
     def _expected_clip_factor(self, reference: list[torch.Tensor]) -> float:
         """``min(1, grad_clip / ||g0||)`` for the expected gradient ``g0`` of the selection: the factor by which
@@ -849,6 +916,11 @@ class Trainer:
         DDP/FSDP, each mini-batch's loss normalised by its token count over all ranks. Stops at the first
         non-finite loss or gradient (that optimiser step is not taken)."""
         cfg, d = self.cfg, self.dist
+        if batch.param is not None and batch.param.whole_gradient is not None:
+            whole, batch.param.whole_gradient = batch.param.whole_gradient, None
+            if not (plan.detach is not None or plan.kl_mask is not None or plan.importance_ratio != "token"
+                    or plan.entropy_coef or self.method.needs_token_entropy):
+                return self._fused_update(batch, plan, whole)
         before, separate = self._old_policy(batch)
         plan_local = plan.rows(batch.rows)
         minib = batch.mini_batch[batch.rows]
@@ -873,6 +945,49 @@ class Trainer:
             metrics["kl_ref"] = kl_ref
         if before.first_order is not None and finite:
             metrics["exact_predicted_entropy_change"] = before.first_order.predicted(d)
+        return _Updated(before, finite, metrics)
+
+    def _fused_update(self, batch: Batch, plan: MethodPlan, whole: list[torch.Tensor]) -> _Updated:
+        """The optimiser step of ``--fused-update`` (one process, one epoch, one mini-batch): the gradient of the
+        plan's loss from the predictor's whole-batch gradient ``g_all`` (every sample accepted) and a correction
+        back-propagated through the rows whose advantages the plan changed.
+
+        On-policy (ratio 1) the clipped surrogate's gradient is ``-(1/N) sum_t A'_t grad log pi(y_t)`` for the
+        plan's advantages ``A'``, so ``g = g_all + (1/N) sum_t (A_t - A'_t) grad log pi(y_t)``: a forward and
+        backward of the changed rows only (none when the plan keeps every sample). Plans that detach tokens,
+        add KL or entropy terms or use sequence ratios take the usual update (:meth:`_update`)."""
+        cfg = self.cfg
+        local_mask, n_tok = batch.local_mask, float(batch.mini_batch_tokens[0])
+        plan_local = plan.rows(batch.rows)
+        before = batch.param.before
+        delta = torch.where(local_mask, batch.advantages[batch.rows] - plan_local.advantages, 0.0)
+        changed = delta.ne(0).any(-1).nonzero().squeeze(-1)
+        totals = _UpdateTotals(steps=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(self.params, whole):
+            p.grad = g
+        nan = False
+        self.model.eval()
+        for rows in changed.split(cfg.micro_batch_size) if changed.numel() else ():
+            logits = self._logits(self.train_forward, batch, rows)
+            correction = masked_token_mean(delta[rows] * response_log_probs(logits, batch.roll.tokens[rows]),
+                                           local_mask[rows], n_tok)
+            nan |= not (all_finite(logits) and bool(torch.isfinite(correction)))
+            if not nan:
+                correction.backward()
+        finite = self._clip_gradients(nan, totals)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the loss and clip fraction at ratio 1, as the usual update reports them
+            loss_tok = self.method.token_loss(plan_local, before.log_prob, before.log_prob, local_mask)
+            loss = float(masked_token_mean(loss_tok, local_mask, n_tok))
+            clipped = ppo_clipped(before.log_prob, before.log_prob, plan_local.advantages, plan.eps_low, plan.eps_high)
+        metrics = {"loss": loss, "clip_fraction": float((clipped & local_mask).sum()) / n_tok,
+                   "grad_norm": totals.grad_norm}
+        if finite:
+            metrics["exact_predicted_entropy_change"] = before.first_order.predicted(self.dist)
         return _Updated(before, finite, metrics)
 
     def _old_policy(self, batch: Batch) -> tuple[_Before, bool]:
@@ -986,7 +1101,8 @@ class Trainer:
         control = batch.param.control_entropy if batch.param is not None else None
         if control is not None:
             out["measured_batch_entropy_change"] = measured
-            measured = self.fixed_set_entropy(self.control_set) - control
+            self.control_value = self.fixed_set_entropy(self.control_set)
+            measured = self.control_value - control
         # the sampler is calibrated on the sample-dependent part: the known drift is taken off (see _plan)
         self.method.observe(measured - (batch.param.drift if batch.param is not None else 0.0))
         return {**out, "measured_entropy_change": measured}

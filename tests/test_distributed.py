@@ -103,12 +103,15 @@ CASES: dict[str, tuple[str, ...]] = {
     "entrocraft": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--mini-batches", "2",
                    "--ppo-epochs", "2", "--exact-first-order"),
     # parameter-space contributions (grad Hbar all-reduced; the exact JVP, since a central difference amplifies
-    # the rounding of differently composed micro-batches by 1/h) and the Kalman entropy estimate
+    # the rounding of differently composed micro-batches by 1/h) and the Kalman entropy estimate; the single
+    # process takes the usual update too (--fused-update, one process only, sums the gradient in another order,
+    # which AdamW's sign-like first steps amplify for elements whose gradient is rounding; its own test compares
+    # it with the usual update)
     "param": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
-              "--param-derivative", "jvp", "--entropy-estimate"),
+              "--param-derivative", "jvp", "--entropy-estimate", "--no-fused-update"),
     # a fixed control set split over the ranks (3 prompts: 2 on one, 1 on the other), its gradient all-reduced
     "control": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
-                "--param-derivative", "jvp", "--control-prompts", "3"),
+                "--param-derivative", "jvp", "--control-prompts", "3", "--no-fused-update"),
     # whole-batch covariance selections (random detach for Clip-Cov; top fraction for KL-Cov)
     "clip-cov": ("--method", "clip-cov", "--method-options", "{ratio: 0.2, lb: -10.0, ub: 10.0}"),
     "kl-cov": ("--method", "kl-cov", "--method-options", "{ratio: 0.2}", "--ppo-epochs", "2", "--kl-coef",

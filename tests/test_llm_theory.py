@@ -152,3 +152,77 @@ def test_control_set_first_order_change_matches_its_measured_change(tmp_path, lr
     measured, exact = row["measured_entropy_change"], row["exact_predicted_entropy_change"]
     assert abs(measured) > 1e-6
     assert exact == pytest.approx(measured, rel=0.1 * lr / 1e-3)
+
+
+@pytest.mark.parametrize("optimizer, lr, control_prompts", [("adamw", 1e-3, 0), ("sgd", 0.05, 0), ("sgd", 0.05, 3)])
+def test_fused_update_equals_the_usual_update(tmp_path, optimizer, lr, control_prompts, monkeypatch):
+    """--fused-update (the update reuses the predictor's forward and whole-batch gradient, adding the rejected
+    samples' correction) takes the same optimiser steps as the usual update (its own forward and backward of
+    the accepted samples): same selections and metrics to float32 rounding (AdamW, SGD), the same weights
+    (SGD), with gradient clipping and an Entrocraft sampler that rejects samples (so the correction is
+    exercised)."""
+    calls = []
+    fused = Trainer._fused_update
+
+    def counted(self, *args):
+        calls.append(args[1].accepted.float().mean().item())
+        return fused(self, *args)
+
+    monkeypatch.setattr(Trainer, "_fused_update", counted)
+    runs = {}
+    for on in (True, False):
+        cfg = TrainConfig(**{**PRESETS["smoke"], "optimizer": optimizer, "lr": lr, "grad_clip": 0.5,
+                             "eval_prompts": 0, "method": "entrocraft-predictive", "schedule": "constant:2.0",
+                             "predictor": "param", "control_prompts": control_prompts, "fused_update": on})
+        trainer = Trainer(cfg, Path(tmp_path) / str(on))
+        rows = [trainer.train_step(t) for t in range(4)]
+        runs[on] = (rows, [p.detach().clone() for p in trainer.params])
+    (rows_f, w_f), (rows_u, w_u) = runs[True], runs[False]
+    trained = sum(not r.get("skipped") for r in rows_f)
+    assert trained >= 1 and len(calls) == trained and any(0 < f < 1 for f in calls), calls  # fused, rejecting
+    for a, b in zip(rows_f, rows_u):
+        for key in ("accepted_fraction", "skipped"):
+            assert a.get(key) == b.get(key), key
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+        if a.get("skipped"):
+            continue
+        for key in ("loss", "grad_norm", "clip_fraction", "predicted_entropy_change", "measured_entropy_change",
+                    "exact_predicted_entropy_change"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    if optimizer == "sgd":  # the step is linear in the gradient: the weights agree to float32 rounding
+        for p, q in zip(w_f, w_u):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    # (Adam's first steps move every element by about lr * sign(g), so an element whose gradient is at the level of
+    # float32 rounding, summed in another order by the two paths, may move either way: its weights are not compared)
+    assert any(not torch.equal(p, q) for p, q in zip(w_f, Trainer(TrainConfig(**{
+        **PRESETS["smoke"], "eval_prompts": 0}), Path(tmp_path) / "fresh").params))  # the steps moved the weights
+
+
+def test_control_gradient_reused_between_refreshes(tmp_path, monkeypatch):
+    """--control-gradient-every 3: the control set's entropy gradient is taken at steps 0 and 3 only; in between
+    the predictor uses it with the entropy measured after the last update (the logged values still chain
+    exactly), and the prediction made before an SGD step equals <grad H_C, dtheta> with that gradient."""
+    taken = []
+    original = Trainer.fixed_set_entropy
+
+    def spy(self, fixed, first_order=None):
+        if first_order is not None:
+            taken.append(len(taken))
+        return original(self, fixed, first_order)
+
+    monkeypatch.setattr(Trainer, "fixed_set_entropy", spy)
+    cfg = TrainConfig(**{**PRESETS["smoke"], "optimizer": "sgd", "lr": 0.05, "grad_clip": 0.0, "eval_prompts": 0,
+                         "predictor": "param", "control_prompts": 3, "control_gradient_every": 3,
+                         "param_derivative": "jvp"})
+    trainer = Trainer(cfg, Path(tmp_path))
+    rows = []
+    for t in range(5):
+        before = len(taken)
+        rows.append(trainer.train_step(t))
+        assert len(taken) - before == (1 if t % 3 == 0 else 0), t
+    for a, b in zip(rows, rows[1:]):
+        assert b["control_entropy"] == pytest.approx(a["control_entropy"] + a["measured_entropy_change"], abs=1e-6)
+    trained = [r for r in rows if not r.get("skipped")]
+    assert len(trained) >= 2
+    for r in trained:
+        assert r["predicted_entropy_change"] == pytest.approx(r["exact_predicted_entropy_change"], rel=1e-5)

@@ -415,6 +415,34 @@ def test_jvp_and_central_difference_agree_with_error_order_h2():
     torch.testing.assert_close(default.predicted, ref.predicted, rtol=1e-7, atol=0)
 
 
+def test_forward_difference_error_is_first_order_in_h():
+    """The one-sided difference (method="forward"): its error against the JVP halves when the step halves
+    (truncation O(h), the second derivative, dominates in float64 here), so it is ~h/2 |f''| where the central
+    one is O(h^2); given the centre logits as ``base`` it equals the one that computes them itself."""
+    model = TinyLM()
+    tokens, adv, mask = batch()
+    params = list(model.parameters())
+    fn = logits_fn_of(model, tokens)
+    pre = sgd_preconditioner(params, 0.1)
+    ref = param_space_contributions(fn, params, tokens, adv, pre, mask, method="jvp")
+    errs, central = [], []
+    for step in (4e-2, 2e-2, 1e-2):
+        fwd = param_space_contributions(fn, params, tokens, adv, pre, mask, method="forward", fd_step=step)
+        cen = param_space_contributions(fn, params, tokens, adv, pre, mask, method="fd", fd_step=step)
+        errs.append(float((fwd.directional - ref.directional).abs().max()))
+        central.append(float((cen.directional - ref.directional).abs().max()))
+    assert 1.7 < errs[0] / errs[1] < 2.3 and 1.7 < errs[1] / errs[2] < 2.3, errs
+    assert all(c < e for c, e in zip(central, errs)), (central, errs)
+    direction = [0.1 * p.detach() for p in params]
+    with torch.no_grad():
+        centre = fn(tuple(params))
+    own = logit_directional_derivative(fn, params, direction, "forward", 1e-3)
+    given = logit_directional_derivative(fn, params, direction, "forward", 1e-3, base=centre)
+    torch.testing.assert_close(own, given, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="base logits"):
+        logit_directional_derivative(fn, params, direction, "forward", 1e-3, base=centre[..., :-1])
+
+
 def tiny_llama(dtype):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
