@@ -183,12 +183,66 @@ def pad_rollout(roll: Rollout, length: int, pad_id: int) -> Rollout:
     return Rollout(grow(roll.tokens, pad_id), grow(roll.mask, False), stats, roll.prompt_index, roll.texts)
 
 
+# a prefix shared by every prompt of a forward (few-shot examples, a system prompt) is run once when it has at least
+# this many tokens; below that the extra model call costs more than it saves
+MIN_COMMON_PREFIX = 4
+
+
+def _common_prefix(p_ids: Tensor, p_mask: Tensor) -> tuple[int, list[list[int]]]:
+    """The number of leading real tokens every left-padded prompt shares (at most the shortest length - 1, so each
+    prompt keeps a token of its own), and the prompts' real tokens."""
+    real = [row[m.bool()].tolist() for row, m in zip(p_ids, p_mask)]
+    common = min(len(r) for r in real) - 1
+    for r in real[1:]:
+        n = 0
+        while n < common and r[n] == real[0][n]:
+            n += 1
+        common = n
+    return common, real
+
+
+def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
+    """The KV cache of the prompts ``[P, L]`` (left-padded), the logits after each prompt ``[P, V]``, the cache's
+    attention mask ``[P, L']`` and the position of each prompt's last token ``[P]``. A prefix common to every prompt
+    (:data:`MIN_COMMON_PREFIX` tokens or more) is run once and its cache repeated for the prompts' own
+    suffixes (left-padded after it; the pads are masked keys), so the prompts cost ``L_common + P * L_suffix``
+    tokens; positions are those of the plain left-padded forward, and gradients flow through the shared part."""
+    cache_kw = _cache_kwarg(model)
+    cache = _new_cache(model)
+    n_prompts = p_ids.shape[0]
+    common, real = _common_prefix(p_ids, p_mask) if n_prompts > 1 else (0, [])
+    if common < MIN_COMMON_PREFIX:
+        pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{cache_kw: cache})
+        return cache, out.logits[:, -1], p_mask, pos[:, -1]
+    device, dtype = p_ids.device, p_mask.dtype
+    head = torch.tensor([real[0][:common]], dtype=p_ids.dtype, device=device)
+    model(input_ids=head, attention_mask=torch.ones_like(head, dtype=dtype), use_cache=True, logits_to_keep=1,
+          position_ids=torch.arange(common, device=device).unsqueeze(0), **{cache_kw: cache})
+    cache.batch_repeat_interleave(n_prompts)
+    width = max(len(r) for r in real) - common
+    pad = int(p_ids[0, 0]) if bool((p_mask[:, 0] == 0).any()) else 0
+    s_ids = torch.full((n_prompts, width), pad, dtype=p_ids.dtype, device=device)
+    s_mask = torch.zeros(n_prompts, width, dtype=dtype, device=device)
+    for j, r in enumerate(real):
+        tail = r[common:]
+        s_ids[j, width - len(tail):] = torch.tensor(tail, dtype=p_ids.dtype, device=device)
+        s_mask[j, width - len(tail):] = 1
+    attn = torch.cat([torch.ones(n_prompts, common, dtype=dtype, device=device), s_mask], 1)
+    pos = common + (s_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=s_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
+    return cache, out.logits[:, -1], attn, pos[:, -1]
+
+
 def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, tokens: Tensor,
                     share_prefix: bool = True) -> Tensor:
     """Logits ``[b, T, V]`` predicting each response token of the rows ``tokens`` ``[b, T]``.
 
     ``prompt_index`` ``[b]`` names each row's prompt. With ``share_prefix`` the distinct prompts
-    are run once and their cache is gathered per row; gradients flow through it.
+    are run once (a prefix common to all of them once in all, :func:`_prompt_cache`) and their cache is
+    gathered per row; gradients flow through it.
     """
     b, length = tokens.shape
     if not share_prefix:
@@ -203,19 +257,15 @@ def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index
     # drop columns that are padding in every selected prompt
     first = int((p_mask.sum(0) > 0).nonzero()[0])
     p_ids, p_mask = p_ids[:, first:], p_mask[:, first:]
-    pos = (p_mask.cumsum(1) - 1).clamp(min=0)
-    cache_kw = _cache_kwarg(model)
-    cache = _new_cache(model)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{cache_kw: cache})
-    head = out.logits[:, -1][inverse].unsqueeze(1)
+    cache, last_logits, p_mask, last_pos = _prompt_cache(model, p_ids, p_mask)
+    head = last_logits[inverse].unsqueeze(1)
     if length == 1:
         return head
     cache.batch_select_indices(inverse)
     attn = torch.cat([p_mask[inverse], torch.ones(b, length - 1, dtype=p_mask.dtype, device=p_mask.device)], 1)
-    rpos = pos[inverse, -1:] + 1 + torch.arange(length - 1, device=tokens.device)
+    rpos = last_pos[inverse].unsqueeze(1) + 1 + torch.arange(length - 1, device=tokens.device)
     out = model(input_ids=tokens[:, :-1], attention_mask=attn, position_ids=rpos, use_cache=True,
-                **{cache_kw: cache})
+                **{_cache_kwarg(model): cache})
     return torch.cat([head, out.logits], dim=1)
 
 

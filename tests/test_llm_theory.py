@@ -46,10 +46,18 @@ def test_predicted_and_measured_change_agree_in_sign(tmp_path, optimizer, lr, se
         assert row["measured_entropy_change"] * sign > 0, (direction, row)
 
 
-def test_prompt_prefix_sharing_matches_full_forward():
+@pytest.mark.parametrize("shared_head", ["", "1 + 2 = 3\n14 + 4 = 18\n"])
+def test_prompt_prefix_sharing_matches_full_forward(shared_head, monkeypatch):
+    """Each prompt run once per group, and (few-shot examples) a prefix common to every prompt run once in all:
+    logits and gradients equal the plain forward of prompt + response, row by row."""
+    import llm.rollout as rollout
+
+    seen = []
+    common_prefix = rollout._common_prefix
+    monkeypatch.setattr(rollout, "_common_prefix", lambda *a: seen.append(common_prefix(*a)[0]) or common_prefix(*a))
     tok = make_smoke_tokenizer()
     model = make_smoke_model(len(tok), seed=3)
-    ids, mask = encode_prompts(tok, ["1 + 2 = ", "13 + 4 = ", "9 = "], torch.device("cpu"))
+    ids, mask = encode_prompts(tok, [shared_head + p for p in ["1 + 2 = ", "13 + 4 = ", "9 = "]], torch.device("cpu"))
     gens = [torch.Generator().manual_seed(i) for i in range(ids.shape[0])]
     roll = generate(model, tok, ids, mask, 4, 3, 1.0, 1.0, gens, True)
     shared = response_logits(model, ids, mask, roll.prompt_index, roll.tokens, share_prefix=True)
@@ -66,6 +74,8 @@ def test_prompt_prefix_sharing_matches_full_forward():
         torch.where(m, lp, 0.0).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+    n_head = len(tok(shared_head, add_special_tokens=False)["input_ids"])
+    assert (max(seen) >= n_head >= rollout.MIN_COMMON_PREFIX) == bool(shared_head), (seen, n_head)
 
 
 @pytest.mark.parametrize("direction", ["lower", "raise"])
