@@ -218,8 +218,9 @@ def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
         return cache, out.logits[:, -1], p_mask, pos[:, -1]
     device, dtype = p_ids.device, p_mask.dtype
     head = torch.tensor([real[0][:common]], dtype=p_ids.dtype, device=device)
-    model(input_ids=head, attention_mask=torch.ones_like(head, dtype=dtype), use_cache=True, logits_to_keep=1,
-          position_ids=torch.arange(common, device=device).unsqueeze(0), **{cache_kw: cache})
+    shared = model(input_ids=head, attention_mask=torch.ones_like(head, dtype=dtype), use_cache=True,
+                   logits_to_keep=1, position_ids=torch.arange(common, device=device).unsqueeze(0),
+                   **{cache_kw: cache}).logits
     cache.batch_repeat_interleave(n_prompts)
     width = max(len(r) for r in real) - common
     pad = int(p_ids[0, 0]) if bool((p_mask[:, 0] == 0).any()) else 0
@@ -233,7 +234,10 @@ def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
     pos = common + (s_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=s_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
                 **{cache_kw: cache})
-    return cache, out.logits[:, -1], attn, pos[:, -1]
+    # the shared call's own output joins the result (times zero: the values are unchanged): FSDP2 gathers a call's
+    # weights for the backward when the backward reaches that call's outputs, and the gradient of the shared part
+    # otherwise reaches it only through the cache
+    return cache, out.logits[:, -1] + 0.0 * shared[:, -1].sum(), attn, pos[:, -1]
 
 
 def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, tokens: Tensor,
