@@ -1,14 +1,18 @@
 """Cost of ``llm.train --predictor param`` (docs/theory.md §5.5) as a share of its training step.
 
-Three trainers of the same configuration, side by side in one process, steps interleaved (param, control,
-logit, param, ...; two warm-up steps each, then the timed ones):
+Four trainers of the same configuration, side by side in one process, steps interleaved (unfused, param, control,
+logit, unfused, ...; two warm-up steps each, then the timed ones):
 
-* ``--predictor param``: the parameter-space contributions before the update (a backward for ``grad Hbar``
-  from the forward the update reuses, the optimiser's step direction, two no-grad forwards for the central
-  difference; AdamW's reference gradient is the update's own whole-batch gradient, ``--fused-update``);
-* ``--predictor param --control-prompts 32 --control-gradient-every 4 --param-derivative forward``: the gradient
-  of a fixed control set's entropy, taken every 4 steps (its forward and backward), the one-sided difference
-  (one no-grad forward against the update's own forward), and the set's entropy measured after each update;
+* ``--predictor param --no-fused-update --param-derivative fd`` (``unfused``): the parameter-space contributions
+  before the update, as a separate phase: a forward and a backward for ``grad Hbar``, a second backward for
+  AdamW's reference gradient, the optimiser's step direction, two no-grad forwards for the central difference;
+  the update then runs its own forward and backward;
+* ``--predictor param --param-derivative forward`` (``param``): the update reuses the predictor's forward and
+  whole-batch gradient and back-propagates only the rejected samples' correction (``--fused-update``), and the
+  tangent is a one-sided difference (one no-grad forward against the logits of that forward);
+* the same with ``--control-prompts 32 --control-gradient-every 4`` (``control``): the gradient of a fixed
+  control set's entropy, taken every 4 steps (its forward and backward), and the set's entropy measured after
+  each update (a no-grad forward);
 * ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics.
 
 Configuration: the ``cpu-demo`` preset (the embedded SmolLM2-135M in float32, 8 prompts x 8 samples, at most 4
@@ -20,7 +24,7 @@ of each param trainer's step (``time_predictor / time_step``, the trainer's own 
 update's forward and whole-batch backward, done early for the update, to the update), and the extra time of
 each param step over the logit step as a share of the param step, ``(t_param - t_logit) / t_param``: what the
 parameter-space contributions cost, whatever phase pays it. Run:
-``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 6 minutes).
+``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ def make_trainer(predictor: str, out_dir):
 
     options = dict(PRESETS["smoke" if SMOKE else "cpu-demo"])
     if predictor == "control":
-        options.update(control_prompts=4 if SMOKE else 32, control_gradient_every=CONTROL_GRADIENT_EVERY,
-                       param_derivative="forward")
+        options.update(control_prompts=4 if SMOKE else 32, control_gradient_every=CONTROL_GRADIENT_EVERY)
+    if predictor == "unfused":
+        options.update(fused_update=False, param_derivative="fd")
+    elif predictor != "logit":
+        options.update(param_derivative="forward")
     options.update(predictor="logit" if predictor == "logit" else "param", method="entrocraft-predictive",
                    schedule="linear:0.85->0.65",
                    steps=WARMUP_STEPS + TIMED_STEPS, eval_every=0, probe_every=0, checkpoint_every=0, plot=False,
@@ -54,7 +61,7 @@ def make_trainer(predictor: str, out_dir):
 
 def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     threads = torch.get_num_threads()
-    trainers = {name: make_trainer(name, tmp_path / name) for name in ("param", "control", "logit")}
+    trainers = {name: make_trainer(name, tmp_path / name) for name in ("unfused", "param", "control", "logit")}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
 
     def run() -> None:
@@ -67,11 +74,13 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     step = {name: statistics.mean(r["time_step"] for r in rs) for name, rs in rows.items()}
-    predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name]) for name in ("param", "control")}
+    predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name])
+                 for name in ("unfused", "param", "control")}
     size = "cpu-demo (SmolLM2-135M fp32, 8x8 samples, <= 4 tokens)" if not SMOKE else "smoke model"
-    for name, label in (("param", "llm.train --predictor param"),
-                        ("control", "llm.train --predictor param --control-prompts (gradient every "
-                                    f"{CONTROL_GRADIENT_EVERY} steps, one-sided difference)")):
+    for name, label in (("unfused", "llm.train --predictor param --no-fused-update (central difference)"),
+                        ("param", "llm.train --predictor param (fused update, one-sided difference)"),
+                        ("control", "llm.train --predictor param --control-prompts (fused, one-sided, gradient "
+                                    f"every {CONTROL_GRADIENT_EVERY} steps)")):
         record_ratio(f"{label}: predictor / its step", predictor[name] / step[name],
                      "time of the predictor phase / the whole step (means)", size)
         record_ratio(f"{label}: extra over the logit step / its step", (step[name] - step["logit"]) / step[name],

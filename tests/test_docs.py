@@ -54,10 +54,12 @@ CONTROL_RUNS = [
     "logit (default)|linear:0.85->0.65|{data}/llm_control_logit_metrics.jsonl",
     "param + estimate|linear:0.85->0.65|{data}/llm_control_param_metrics.jsonl",
     "param + control set|linear:0.85->0.65|{data}/llm_control_set_metrics.jsonl",
+    "control set, cheap|linear:0.85->0.65|{data}/llm_control_set_cheap_metrics.jsonl",
     "vanilla|linear:0.8->0.95|{data}/llm_control_vanilla_metrics.jsonl|30",
     "logit (default)|linear:0.8->0.95|{data}/llm_control_logit_rising_metrics.jsonl",
     "param + estimate|linear:0.8->0.95|{data}/llm_control_param_rising_metrics.jsonl",
     "param + control set|linear:0.8->0.95|{data}/llm_control_set_rising_metrics.jsonl",
+    "control set, cheap|linear:0.8->0.95|{data}/llm_control_set_cheap_rising_metrics.jsonl",
 ]
 WARMUP_RUNS = [
     "vanilla|linear:0.85->0.65|{data}/llm_control_warmup_vanilla_metrics.jsonl",
