@@ -223,8 +223,7 @@ def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
                    **{cache_kw: cache}).logits
     cache.batch_repeat_interleave(n_prompts)
     width = max(len(r) for r in real) - common
-    pad = int(p_ids[0, 0]) if bool((p_mask[:, 0] == 0).any()) else 0
-    s_ids = torch.full((n_prompts, width), pad, dtype=p_ids.dtype, device=device)
+    s_ids = torch.zeros(n_prompts, width, dtype=p_ids.dtype, device=device)  # masked where no suffix token
     s_mask = torch.zeros(n_prompts, width, dtype=dtype, device=device)
     for j, r in enumerate(real):
         tail = r[common:]
