@@ -192,6 +192,10 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.control_prompts and cfg.predictor != "param":
         raise UserError(f"--control-prompts {cfg.control_prompts} needs --predictor param: only the parameter-space "
                         f"contributions predict the control set's entropy (the logit ones predict the batch's)")
+    if cfg.control_gradient_every > 1 and not (cfg.control_prompts and cfg.measure_entropy_change):
+        raise UserError(f"--control-gradient-every {cfg.control_gradient_every} reuses the control set's gradient "
+                        f"with its entropy measured after each update: it needs --control-prompts and "
+                        f"--measure-entropy-change")
     if cfg.control_prompts and cfg.entropy_estimate:
         raise UserError("--control-prompts and --entropy-estimate are two choices of the controlled entropy: "
                         "the control set's is measured exactly, the estimate filters the batch's; pick one")

@@ -201,16 +201,31 @@ def _common_prefix(p_ids: Tensor, p_mask: Tensor) -> tuple[int, list[list[int]]]
     return common, real
 
 
+def _may_share(model) -> bool:
+    """Whether a common prefix may be run once: not under FSDP (each call gathers the weights, a collective, and
+    ranks with other prompts would make other numbers of calls) nor with a sliding attention window (the masked
+    pads between the prefix and a suffix would count towards the window)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    config = getattr(model, "config", None)
+    window = (config.use_sliding_window if hasattr(config, "use_sliding_window")
+              else getattr(config, "sliding_window", None))
+    if window:
+        return False
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
     """The KV cache of the prompts ``[P, L]`` (left-padded), the logits after each prompt ``[P, V]``, the cache's
     attention mask ``[P, L']`` and the position of each prompt's last token ``[P]``. A prefix common to every prompt
-    (:data:`MIN_COMMON_PREFIX` tokens or more) is run once and its cache repeated for the prompts' own
-    suffixes (left-padded after it; the pads are masked keys), so the prompts cost ``L_common + P * L_suffix``
-    tokens; positions are those of the plain left-padded forward, and gradients flow through the shared part."""
+    (:data:`MIN_COMMON_PREFIX` tokens or more; :func:`_may_share`) is run once and its cache repeated for the
+    prompts' own suffixes (left-padded after it; the pads are masked keys), so the prompts cost
+    ``L_common + P * L_suffix`` tokens; positions are those of the plain left-padded forward, and gradients flow
+    through the shared part."""
     cache_kw = _cache_kwarg(model)
     cache = _new_cache(model)
     n_prompts = p_ids.shape[0]
-    common, real = _common_prefix(p_ids, p_mask) if n_prompts > 1 else (0, [])
+    common, real = _common_prefix(p_ids, p_mask) if n_prompts > 1 and _may_share(model) else (0, [])
     if common < MIN_COMMON_PREFIX:
         pos = (p_mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -218,9 +233,8 @@ def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
         return cache, out.logits[:, -1], p_mask, pos[:, -1]
     device, dtype = p_ids.device, p_mask.dtype
     head = torch.tensor([real[0][:common]], dtype=p_ids.dtype, device=device)
-    shared = model(input_ids=head, attention_mask=torch.ones_like(head, dtype=dtype), use_cache=True,
-                   logits_to_keep=1, position_ids=torch.arange(common, device=device).unsqueeze(0),
-                   **{cache_kw: cache}).logits
+    model(input_ids=head, attention_mask=torch.ones_like(head, dtype=dtype), use_cache=True, logits_to_keep=1,
+          position_ids=torch.arange(common, device=device).unsqueeze(0), **{cache_kw: cache})
     cache.batch_repeat_interleave(n_prompts)
     width = max(len(r) for r in real) - common
     s_ids = torch.zeros(n_prompts, width, dtype=p_ids.dtype, device=device)  # masked where no suffix token
@@ -233,10 +247,7 @@ def _prompt_cache(model, p_ids: Tensor, p_mask: Tensor):
     pos = common + (s_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=s_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
                 **{cache_kw: cache})
-    # the shared call's own output joins the result (times zero: the values are unchanged): FSDP2 gathers a call's
-    # weights for the backward when the backward reaches that call's outputs, and the gradient of the shared part
-    # otherwise reaches it only through the cache
-    return cache, out.logits[:, -1] + 0.0 * shared[:, -1].sum(), attn, pos[:, -1]
+    return cache, out.logits[:, -1], attn, pos[:, -1]
 
 
 def response_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, tokens: Tensor,

@@ -299,7 +299,7 @@ class ParamDirection:
     With ``--fused-update``: ``whole_gradient``, the loss gradient with every sample accepted (this rank's
     rows, summed over ranks), and ``before``, the pre-update policy on the batch, both from the predictor's
     forward, which the update reuses; ``update_seconds``, the time of that forward and backward, the update's
-    own work done early (the step's clock books it to the update)."""
+    own work done early (the step's clock books it to the update when the fused update ran, ``fused``)."""
 
     directional: torch.Tensor
     drift: float
@@ -309,6 +309,7 @@ class ParamDirection:
     whole_gradient: list[torch.Tensor] | None = None
     before: _Before | None = None
     update_seconds: float = 0.0
+    fused: bool = False  # the update took them (set by Trainer._update)
 
 
 @dataclass
@@ -659,9 +660,10 @@ class Trainer:
         batch = clock.time("generate", self._sample, step)
         if self.cfg.predictor == "param":
             batch.param = clock.time("predictor", self._param_directional, batch, step)
-            clock.move("predictor", "update", batch.param.update_seconds)
         planned = self._plan(step, batch)
         updated = None if planned.plan.skip else clock.time("update", self._update, batch, planned.plan)
+        if batch.param is not None and batch.param.fused:  # the predictor's forward and backward were the update's
+            clock.move("predictor", "update", batch.param.update_seconds)
         self._scheduler_step()  # one learning-rate step per training step, skipped or not
         if updated is not None:
             self.nan_streak = 0 if updated.finite else self.nan_streak + 1
@@ -730,13 +732,20 @@ class Trainer:
                  self.cfg.share_prompt_prefix))
         return logits.float() / self.cfg.temperature
 
+    def _clock(self) -> float:
+        """``time.perf_counter()`` after the device's queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _fusable(self) -> bool:
         """Whether the update can reuse the predictor's forward and whole-batch gradient (``--fused-update``):
         one process (DDP reduces gradients only in its own backward), one PPO epoch and one mini-batch (every
-        other pass sees an updated policy), and no reference KL (its term needs the update's forward)."""
+        other pass sees an updated policy), no reference KL (its term needs the update's forward) and no entropy
+        term. (Plans that detach tokens, add KL or use sequence ratios are sent to the usual update per step.)"""
         cfg = self.cfg
         return (cfg.fused_update and cfg.predictor == "param" and not self.dist.enabled and cfg.ppo_epochs == 1
-                and cfg.mini_batches == 1 and self.ref_model is None)
+                and cfg.mini_batches == 1 and self.ref_model is None and not self.method.needs_token_entropy)
 
     def _control_direction(self, first_order: FirstOrder, step: int) -> float:
         """The control set's entropy before this step's update and its gradient (into ``first_order``): a
@@ -798,18 +807,18 @@ class Trainer:
             control = self._control_direction(first_order, step)
         t_update = 0.0
         for rows in chunks:
-            t0 = time.perf_counter()
+            t0 = self._clock()
             with torch.enable_grad() if control is None or loss_grad is not None else torch.no_grad():
                 logits = self._plain_logits(self.model, batch, rows)
-                t_forward = time.perf_counter() - t0
+                t_forward = self._clock() - t0
                 if control is None:
                     first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
                 if loss_grad is not None:
-                    t1 = time.perf_counter()
+                    t1 = self._clock()
                     lp = response_log_probs(logits, batch.roll.tokens[rows])
                     loss_grad.accumulate(torch.where(local_mask[rows], -adv[rows] * lp / norm[rows], 0.0).sum())
                     if fused:  # the update's own forward and whole-batch backward, done here
-                        t_update += t_forward + time.perf_counter() - t1
+                        t_update += t_forward + self._clock() - t1
             centre.append(logits.detach())
         first_order.reduce(d)
         reference, clip, whole, before = None, 1.0, None, None
@@ -922,6 +931,7 @@ class Trainer:
             whole, batch.param.whole_gradient = batch.param.whole_gradient, None
             if not (plan.detach is not None or plan.kl_mask is not None or plan.importance_ratio != "token"
                     or plan.entropy_coef or self.method.needs_token_entropy):
+                batch.param.fused = True
                 return self._fused_update(batch, plan, whole)
         before, separate = self._old_policy(batch)
         plan_local = plan.rows(batch.rows)
@@ -1218,8 +1228,12 @@ class Trainer:
         return final
 
     def load_checkpoint(self, ckpt: Path) -> int:
-        """Restore everything :meth:`save_checkpoint` wrote; returns the step to continue from."""
+        """Restore everything :meth:`save_checkpoint` wrote; returns the step to continue from. The control set's
+        reused gradient and last measured entropy (``--control-gradient-every``) are not saved: the first step
+        after the load takes them afresh."""
         from safetensors.torch import load_file, load_model
+
+        self.control_value = self.control_gradient = None
 
         try:
             if self.sharded:

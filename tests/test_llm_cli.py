@@ -233,6 +233,10 @@ def test_config_converts_and_checks_itself_when_made():
         TrainConfig(control_prompts=4)
     with pytest.raises(UserError, match="--control-prompts and --entropy-estimate are two choices"):
         TrainConfig(control_prompts=4, predictor="param", entropy_estimate=True)
+    with pytest.raises(UserError, match="--control-gradient-every 4 reuses the control set's gradient"):
+        TrainConfig(control_gradient_every=4, predictor="param")
+    with pytest.raises(UserError, match="it needs --control-prompts and --measure-entropy-change"):
+        TrainConfig(control_gradient_every=4, predictor="param", control_prompts=4, measure_entropy_change=False)
     with pytest.raises(UserError, match="probe_samples must be >= 1, got 0"):
         TrainConfig(probe_samples=0)
     with pytest.raises(UserError, match="control_samples must be >= 1, got 0"):
