@@ -394,15 +394,22 @@ def test_first_order_error_is_quadratic_in_lr(kind, lr):
 
 
 # ----------------------------------------------------------------------------- JVP vs finite differences
-def test_jvp_and_central_difference_agree_with_error_order_h2():
-    """Both paths give the same s_t; the FD error against the JVP shrinks ~4x when the FD step halves
-    (truncation O(h^2) dominates in float64 at these steps)."""
+def derivative_setup():
+    """The tiny model under an SGD preconditioner: ``(fn, params, tokens, adv, pre, mask)`` and the exact (JVP)
+    contributions, against which the finite differences are measured."""
     model = TinyLM()
     tokens, adv, mask = batch()
     params = list(model.parameters())
     fn = logits_fn_of(model, tokens)
     pre = sgd_preconditioner(params, 0.1)
-    ref = param_space_contributions(fn, params, tokens, adv, pre, mask, method="jvp")
+    return (fn, params, tokens, adv, pre, mask), param_space_contributions(fn, params, tokens, adv, pre, mask,
+                                                                           method="jvp")
+
+
+def test_jvp_and_central_difference_agree_with_error_order_h2():
+    """Both paths give the same s_t; the FD error against the JVP shrinks ~4x when the FD step halves
+    (truncation O(h^2) dominates in float64 at these steps)."""
+    (fn, params, tokens, adv, pre, mask), ref = derivative_setup()
     scale = float(ref.directional.abs().max())
     errs = []
     for step in (4e-2, 2e-2, 1e-2):  # nats of first-order Hbar change along the FD perturbation
@@ -419,12 +426,7 @@ def test_forward_difference_error_is_first_order_in_h():
     """The one-sided difference (method="forward"): its error against the JVP halves when the step halves
     (truncation O(h), the second derivative, dominates in float64 here), so it is ~h/2 |f''| where the central
     one is O(h^2); given the centre logits as ``base`` it equals the one that computes them itself."""
-    model = TinyLM()
-    tokens, adv, mask = batch()
-    params = list(model.parameters())
-    fn = logits_fn_of(model, tokens)
-    pre = sgd_preconditioner(params, 0.1)
-    ref = param_space_contributions(fn, params, tokens, adv, pre, mask, method="jvp")
+    (fn, params, tokens, adv, pre, mask), ref = derivative_setup()
     errs, central = [], []
     for step in (4e-2, 2e-2, 1e-2):
         fwd = param_space_contributions(fn, params, tokens, adv, pre, mask, method="forward", fd_step=step)
