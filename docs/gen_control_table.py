@@ -17,7 +17,9 @@ is also scored on that set's entropy before each update (``control_entropy``), t
 schedule; its per-position prediction, which is of the batch's own contexts, is scored against the batch's
 measured change (``measured_batch_entropy_change``, :func:`llm.metrics.measured_pairs`). The "from step 10"
 row scores the steps ``t >= 10`` alone, after AdamW's first steps, whose size the sampler cannot choose
-(docs/llm.md). A run without a schedule (vanilla) is scored against the schedule named for it.
+(docs/llm.md). A run without a schedule (vanilla) is scored against the schedule named for it. The "held-out minus
+control-set" row is the difference of the two fixed sets' entropies at the same weights (both read before update
+``t``) at the first and the last probe: the level offset that the controller cannot see, and how it drifts.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
     predictor = [r.get("time_predictor", 0.0) for r in train]
     step_time = [r.get("time_step", 0.0) for r in train]
     k = [r["calibration_factor"] for r in train if "calibration_factor" in r]
+    both = [float(r["probe_entropy"]) - float(r["control_entropy"]) for r in train
+            if "probe_entropy" in r and "control_entropy" in r]  # the same weights: both read before update t
     f = "{:.3f}".format
     return {
         "held-out (probe) entropy vs schedule: RMS / mean |error|, % of range": f"{probe['rms']:.1f}% / "
@@ -96,6 +100,8 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
                                                              f"{control['rms']:.1f}%",
         f"from step {SETTLED}: held-out / control-set entropy vs schedule, RMS, % of range":
             f"{late['rms']:.1f}% / " + ("-" if math.isnan(control_late["rms"]) else f"{control_late['rms']:.1f}%"),
+        "held-out minus control-set entropy at the same weights, first -> last probe (nats)":
+            f"{both[0]:+.3f} -> {both[-1]:+.3f}" if both else "-",
         "batch entropy vs schedule: RMS, % of range": f"{batch['rms']:.1f}%",
         "probe entropy, first -> last": f"{f(next(r['probe_entropy'] for r in rows if 'probe_entropy' in r))} -> "
                                         f"{f(rows[-1].get('probe_entropy', math.nan))}",

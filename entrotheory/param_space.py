@@ -42,6 +42,7 @@ __all__ = [
     "adam_preconditioner",
     "preconditioner_from_optimizer",
     "optimizer_step_direction",
+    "momentum_carry_factor",
     "log_prob_tangent",
     "masked_mean_entropy",
     "entropy_param_gradient",
@@ -419,6 +420,67 @@ def optimizer_step_direction(
         if one.drift_step[0] is not None:
             drift += float(first_order_entropy_change([v], [one.drift_step[0]]))
     return tuple(direction), drift
+
+
+def momentum_carry_factor(
+    steps_taken: int, beta1: float, bias_correction: bool = True,
+    lr_factors: Sequence[float] | Callable[[int], float] | None = None, tol: float = 1e-12,
+) -> float:
+    """``W``: the whole first-order effect of the coming step's momentum over its life, per unit of its
+    effect now (docs/theory.md eq. 5.2e).
+
+    The coming step (number ``tau = steps_taken + 1``) moves the weights by ``-lr_tau / bc1(tau) P m_tau``
+    (Adam/AdamW; ``bc1(t) = 1 - beta1^t``, ``P`` its preconditioner) or ``-lr_tau m_tau`` (SGD with momentum
+    ``beta1`` and no dampening, ``bias_correction=False``: ``bc1 = 1``). Without further gradients step
+    ``tau + k`` moves them by ``-lr_(tau+k) / bc1(tau+k) P beta1^k m_tau``, so with ``P`` and the entropy
+    gradient held fixed the entropy change that ``m_tau`` causes, now and later, is ``W`` times its change now:
+
+        ``W = sum_(k >= 0) beta1^k (bc1(tau) / bc1(tau + k)) (lr_(tau+k) / lr_tau)``.
+
+    Every part of ``m_tau`` (the selected samples' gradient and the stored momentum alike) carries the same
+    ``W``: ``1 / (1 - beta1)`` once the bias correction has died out, less in the first steps (3.0 at
+    ``tau = 1`` for ``beta1 = 0.9``), 1 without momentum.
+
+    Parameters
+    ----------
+    steps_taken : optimiser steps already taken (torch's ``state["step"]``), ``>= 0``.
+    beta1 : momentum coefficient in ``[0, 1)``.
+    bias_correction : Adam's ``1 / bc1`` (True) or none (SGD momentum).
+    lr_factors : the learning rate of steps ``tau, tau + 1, ...`` up to a common factor: a sequence (held at
+        its last value beyond its end) or a callable of ``k``; None: constant.
+    tol : the sum stops when ``beta1^k`` falls below it.
+    """
+    if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 0:
+        raise ValueError(f"steps_taken must be an int >= 0, got {steps_taken!r}")
+    b1 = _check_hyper(beta1, "beta1", high=1.0)
+    if b1 >= 1.0:
+        raise ValueError(f"beta1 must be < 1, got {beta1}")
+    if callable(lr_factors):
+        factor = lr_factors
+    elif lr_factors is not None:
+        seq = [float(x) for x in lr_factors]
+        if not seq:
+            raise ValueError("lr_factors must not be empty")
+        factor = lambda k: seq[min(k, len(seq) - 1)]  # noqa: E731
+    else:
+        factor = lambda k: 1.0  # noqa: E731
+    lr0 = float(factor(0))
+    if not (math.isfinite(lr0) and lr0 > 0):
+        raise ValueError(f"the coming step's learning-rate factor must be > 0, got {lr0}")
+    tau = steps_taken + 1
+    bc_now = 1 - b1**tau if bias_correction else 1.0
+    total, k, weight = 0.0, 0, 1.0
+    while weight >= tol:
+        bc = 1 - b1 ** (tau + k) if bias_correction else 1.0
+        lr = float(factor(k))
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr_factors must be finite and >= 0, got {lr} at k = {k}")
+        total += weight * bc_now / bc * lr / lr0
+        k += 1
+        weight *= b1
+        if b1 == 0.0:
+            break
+    return total
 
 
 # ----------------------------------------------------------------------------- tensor primitives

@@ -89,6 +89,10 @@ class TrainConfig:
     control_gradient_every: int = _opt(
         1, "take the control set's entropy gradient every N steps and reuse it in between (its entropy is still "
         "measured after every update)")
+    momentum_projection: bool = _opt(
+        False, "param predictor: aim the entropy the optimiser's momentum will carry the policy to (now and in the "
+        "coming steps) at the schedule that many steps ahead, instead of the next step's entropy at the next "
+        "target (entrocraft-predictive; one optimiser step per training step; exact for weight_decay 0)")
     reward_correct: float = _opt(1.0, "reward of a correct response")
     reward_wrong: float = _opt(-1.0, "reward of a wrong response")
     steps: int = _opt(60, "training steps", section="rollout")
@@ -103,6 +107,10 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "decoupled weight decay (AdamW) or L2 penalty (SGD)")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_warm_start: int = _opt(
+        0, "before the first step, fill AdamW's second moment with the mean squared loss gradient of this many "
+        "batches (own rollouts; no weight changes, zero momentum, the step count set to this number) so that its "
+        "first steps are linear in the gradient, not sign-like (0 = off)")
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)")
     micro_batch_size: int = _opt(64, "rows per forward/backward; the batch is B = prompts * samples rows")
     ppo_epochs: int = _opt(1, "passes over the batch per step")
@@ -149,7 +157,7 @@ _POSITIVE = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens"
              "mini_batches", "eval_samples", "pass_k", "max_nan_steps", "probe_samples",
              "control_samples", "control_gradient_every")
 _NON_NEGATIVE = ("eval_every", "eval_prompts", "probe_every", "probe_prompts", "control_prompts", "checkpoint_every",
-                 "plot_every", "warmup_steps", "threads", "stop_after")
+                 "plot_every", "warmup_steps", "threads", "stop_after", "adam_warm_start")
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -196,6 +204,19 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"--control-gradient-every {cfg.control_gradient_every} reuses the control set's gradient "
                         f"with its entropy measured after each update: it needs --control-prompts and "
                         f"--measure-entropy-change")
+    if cfg.momentum_projection and (cfg.predictor != "param" or cfg.method != "entrocraft-predictive"):
+        raise UserError(f"--momentum-projection projects the parameter-space prediction for the predictive "
+                        f"sampler: it needs --predictor param and --method entrocraft-predictive (got "
+                        f"{cfg.predictor!r}, {cfg.method!r})")
+    if cfg.momentum_projection and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1):
+        raise UserError(f"--momentum-projection counts one optimiser step per training step: it needs "
+                        f"--ppo-epochs 1 and --mini-batches 1 (got {cfg.ppo_epochs}, {cfg.mini_batches})")
+    if cfg.adam_warm_start and cfg.optimizer != "adamw":
+        raise UserError(f"--adam-warm-start {cfg.adam_warm_start} fills AdamW's second moment: it needs "
+                        f"--optimizer adamw, got {cfg.optimizer!r}")
+    if cfg.adam_warm_start and cfg.mini_batches > 1:
+        raise UserError(f"--adam-warm-start {cfg.adam_warm_start} estimates the second moment from whole-batch "
+                        f"gradients: it needs --mini-batches 1 (got {cfg.mini_batches})")
     if cfg.control_prompts and cfg.entropy_estimate:
         raise UserError("--control-prompts and --entropy-estimate are two choices of the controlled entropy: "
                         "the control set's is measured exactly, the estimate filters the batch's; pick one")

@@ -56,6 +56,7 @@ from entrotheory.param_space import (
     first_order_entropy_change,
     log_prob_tangent,
     logit_directional_derivative,
+    momentum_carry_factor,
     optimizer_step_direction,
 )
 from entrotheory.state_estimate import EntropyStateEstimate, batch_entropy_variance
@@ -79,8 +80,8 @@ SAMPLER_CALIBRATION_FACTOR = "calibration_factor"
 SAMPLER_STEP_BOUNDS = ("k_min", "k_max")
 SAMPLER_DIAGNOSTICS = {"k": "calibration_k", "predicted_change": "calibrated_predicted_change"}
 # the method diagnostics copied into the step's metrics (under the names of SAMPLER_DIAGNOSTICS)
-PLAN_DIAGNOSTICS = ("target_entropy", "lower", "upper", "regime", "k", "predicted_change", "entropy_coef", "alpha",
-                    "num_detached", "num_candidates", "num_kl_tokens")
+PLAN_DIAGNOSTICS = ("target_entropy", "desired_change", "lower", "upper", "regime", "k", "predicted_change",
+                    "entropy_coef", "alpha", "num_detached", "num_candidates", "num_kl_tokens")
 # --predictor param predicts absolute nats (measured / predicted ~ 1): the calibration factor starts at 1 and
 # may correct it within this factor either way (the drift, not the samples, dominates some steps' change: an
 # unbounded fit would read its errors as a wrong step size)
@@ -677,11 +678,14 @@ class Trainer:
         return clock.stamp(row, self.cfg.prompts_per_step * self.cfg.samples_per_prompt)
 
     # ---------------------------------------------------------- 1. sample
-    def _sample(self, step: int) -> Batch:
+    def _sample(self, step: int, purpose: str = "") -> Batch:
         """This rank's prompts sampled, scored, padded to the global length and gathered; rewards and
-        advantages of the whole batch."""
+        advantages of the whole batch. A ``purpose`` other than the training batches' (``""``) draws other
+        prompts and samples (seeded by it)."""
         cfg, d = self.cfg, self.dist
-        problems = self.task.train_batch(cfg.prompts_per_step, random.Random(derive_seed(cfg.seed, "data", step)))
+        seeds = (purpose,) if purpose else ()
+        problems = self.task.train_batch(cfg.prompts_per_step,
+                                         random.Random(derive_seed(cfg.seed, *seeds, "data", step)))
         local = cfg.prompts_per_step // d.world
         first = d.rank * local
         mine = problems[first:first + local]
@@ -689,7 +693,7 @@ class Trainer:
         try:
             with self._full_weights():
                 prompt_ids, prompt_mask, roll = self._rollout(mine, G, cfg.temperature,
-                                                              self._generators("gen", step, first, local))
+                                                              self._generators(purpose + "gen", step, first, local))
         except (ValueError, RuntimeError) as exc:  # NaN/inf logits while sampling: the weights are broken
             raise UserError(f"step {step}: sampling failed, the model produced invalid logits ({exc}); "
                             f"resume from an earlier checkpoint with a lower --lr (now {cfg.lr})") from None
@@ -710,6 +714,48 @@ class Trainer:
         adv_tok = torch.where(mask, adv.reshape(-1, 1).to(self.device).expand_as(mask), 0.0)
         return Batch(problems, prompt_ids, prompt_mask, roll, rows, mask, TokenEntropyStats(log_prob, ent, base, mask),
                      correct, keys_all, minib, n_mb, rewards, adv_tok, adv_info)
+
+    def warm_start_optimizer(self) -> None:
+        """``--adam-warm-start K``: AdamW's second moment from ``K`` batches before the first step.
+
+        Adam's first step is ``-lr sign(g)`` to within ``eps`` (``vhat = g^2``): its size per parameter is
+        fixed, so no selection of samples can choose how far it moves the entropy (its linear map in ``g`` is
+        zero, docs/theory.md §5.2d). Here the loss gradients ``g_k`` of ``K`` batches of the initial policy
+        (rollouts of their own seeds: the training batches are unchanged; every sample accepted; clipped to
+        ``grad_clip`` as the update clips) set ``exp_avg_sq = (1 - beta2^K) mean_k g_k^2`` and ``step = K``, so
+        that ``vhat`` starts at ``mean_k g_k^2``; the momentum starts at zero and no weight moves. The first
+        step is then ``-lr (1 - beta1) / (1 - beta1^(K+1)) g / (sqrt(vhat) + eps)``: linear in ``g`` up to
+        the ``1 / (K + 1)`` share of ``g^2`` in the new ``vhat``."""
+        cfg = self.cfg
+        K = cfg.adam_warm_start
+        beta2 = self.optimizer.param_groups[0]["betas"][1]
+        squares = [torch.zeros_like(p) for p in self.params]
+        self.model.eval()
+        for k in range(K):
+            batch = self._sample(k, purpose="adam-warm-start")
+            local_mask, adv = batch.local_mask, batch.advantages[batch.rows]
+            n_tok = float(batch.mask.sum())
+            self.optimizer.zero_grad(set_to_none=True)
+            chunks = torch.arange(local_mask.shape[0], device=self.device).split(cfg.micro_batch_size)
+            for c, rows in enumerate(chunks):
+                with self._gradient_sync(c == len(chunks) - 1):
+                    logits = self._logits(self.train_forward, batch, rows)
+                    lp = response_log_probs(logits, batch.roll.tokens[rows])
+                    loss = masked_token_mean(torch.where(local_mask[rows], -adv[rows] * lp, 0.0), local_mask[rows],
+                                             n_tok)
+                    (loss * self.loss_scale).backward()
+            if not self._clip_gradients(False, _UpdateTotals(steps=1)):
+                raise UserError(f"--adam-warm-start: batch {k} gave a non-finite gradient; the initial weights "
+                                f"or --lr are broken")
+            for acc, p in zip(squares, self.params):
+                if p.grad is not None:
+                    acc.addcmul_(p.grad, p.grad, value=1.0 / K)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, v in zip(self.params, squares):
+            state = self.optimizer.state[p]
+            state["step"] = torch.tensor(float(K), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = v.mul_(1 - beta2**K)
 
     def _rewards(self, correct: torch.Tensor, roll: Rollout) -> torch.Tensor:
         """Rewards ``[P, G]`` of the whole batch: the task's (``correct`` ``[B]``, global), or
@@ -882,8 +928,11 @@ class Trainer:
         else:
             contrib = token_mean_contributions(stats, adv_tok, mask, rule=cfg.rule, normalizer=n_tok) * scale
         # the known drift is moved to the entropy side: the sampler chooses samples for target - H - drift
+        aimed = control + drift
+        if cfg.momentum_projection:
+            aimed = self._momentum_projection(step, control, drift, extra)
         plan = self.method.prepare(advantages=adv_tok, log_probs=stats.log_prob, old_log_probs=stats.log_prob,
-                                   mask=mask, entropy=control + drift, step=step, contributions=contrib,
+                                   mask=mask, entropy=aimed, step=step, contributions=contrib,
                                    rewards=batch.rewards.reshape(-1).to(self.device))
         accepted = float(plan.diagnostics.get("accepted_fraction", 1.0))
         self.last_accepted_fraction = max(accepted, MIN_ACCEPTED_FRACTION)
@@ -896,6 +945,34 @@ class Trainer:
         # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
         param_pred = drift + float((plan.advantages * batch.param.directional * scale / n_tok).sum())
         return _Planned(plan, entropy, lr_now, extra, param_pred, logit_pred)
+
+    def _momentum_projection(self, step: int, control: float, drift: float, extra: dict) -> float:
+        """``--momentum-projection``: the entropy to hand the predictive sampler so that it aims the projected
+        entropy, not the next one (docs/theory.md eq. 5.2e).
+
+        The coming step's momentum moves the entropy by ``drift + C`` now (``C`` the selected samples' part)
+        and by ``W (drift + C)`` over its life (:func:`~entrotheory.param_space.momentum_carry_factor`, the
+        learning-rate schedule included). Aiming ``H + W (drift + C)`` at ``target(t + W)``, the schedule
+        ``W - 1`` steps after the next (on a steady ramp the entropy trails its projection by ``W - 1`` steps'
+        change), asks this step for ``C = (target(t + W) - H) / W - drift``. The sampler, which asks
+        ``C = target(t + 1) - aimed`` (its calibration unchanged), gets
+        ``aimed = target(t + 1) - (target(t + W) - H) / W + drift``. (A decoupled weight decay's part of the
+        drift recurs at every step instead of decaying with the momentum; ``W`` is exact for it only at
+        ``weight_decay = 0``, the default.)"""
+        group = self.optimizer.param_groups[0]
+        beta1 = group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
+        adam = isinstance(self.optimizer, torch.optim.Adam)
+        taken = int(max((float(st["step"]) for st in self.optimizer.state.values() if "step" in st), default=0.0))
+        lam, now = self.scheduler.lr_lambdas[0], self.scheduler.last_epoch
+        carry = momentum_carry_factor(taken, beta1, bias_correction=adam, lr_factors=lambda k: lam(now + k))
+        sampler = self.method.sampler
+        t = step + sampler.step_offset
+        lead = sampler.target_entropy(t + carry)
+        aimed = sampler.target_entropy(t + 1) - (lead - control) / carry + drift
+        extra.update(momentum_carry=carry, projected_entropy=control + carry * drift, lead_target=lead)
+        if aimed < 0:  # the sampler takes an entropy >= 0: a request for more than it can hold is capped
+            extra["projection_capped"] = aimed
+        return max(0.0, aimed)
 
     def _normaliser_scale(self, batch: Batch) -> torch.Tensor | float:
         """``N / N_m`` per row ``[B, 1]`` (1.0 with one mini-batch). Each token's loss is normalised by its
@@ -1332,6 +1409,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, dist: DistContext
         run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir, dist)
     start = trainer.load_checkpoint(ckpt) if ckpt is not None else 0
+    if ckpt is None and cfg.adam_warm_start:
+        if main_rank:
+            print(f"AdamW warm start: the second moment from {cfg.adam_warm_start} batches", file=sys.stderr)
+        trainer.warm_start_optimizer()
     kept = [r for r in read_rows(run_dir / "metrics.jsonl") if r["step"] < start]  # drop what the checkpoint lacks
     dist.barrier()  # every rank has read the old metrics before rank 0 rewrites them
     if main_rank:

@@ -67,8 +67,17 @@ WARMUP_RUNS = [
     "param + control set|linear:0.85->0.65|{data}/llm_control_warmup_set_metrics.jsonl",
 ]
 
+WARMSTART_RUNS = [
+    "control set, cheap|linear:0.85->0.65|{data}/llm_control_set_cheap_metrics.jsonl",
+    "+ AdamW warm start|linear:0.85->0.65|{data}/llm_control_set_cheap_warm_metrics.jsonl",
+    "+ warm start + momentum projection|linear:0.85->0.65|{data}/llm_control_set_cheap_warm_proj_metrics.jsonl",
+    "control set, cheap|linear:0.8->0.95|{data}/llm_control_set_cheap_rising_metrics.jsonl",
+    "+ AdamW warm start|linear:0.8->0.95|{data}/llm_control_set_cheap_warm_rising_metrics.jsonl",
+    "+ warm start + momentum projection|linear:0.8->0.95|{data}/llm_control_set_cheap_warm_proj_rising_metrics.jsonl",
+]
 
-@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS], ids=["no-warmup", "warmup"])
+
+@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS], ids=["no-warmup", "warmup", "warm-start"])
 def test_control_table_is_regenerated_from_the_saved_metrics(runs):
     """docs/llm.md quotes the control tables that docs/gen_control_table.py makes from docs/data."""
     import runpy
@@ -108,3 +117,18 @@ def test_performance_page_shows_the_saved_benchmark_table(saved_table, min_rows)
     page = (ROOT / "docs" / "performance.md").read_text().splitlines()
     missing = [row for row in rows if row not in page]
     assert not missing, missing[:3]
+
+
+def test_fixed_set_level_errors_quoted_in_the_guide_are_the_saved_ones():
+    """docs/llm.md quotes the levels and bootstrap standard errors that docs/gen_level_error.py saved."""
+    import json
+
+    saved = json.loads((ROOT / "docs" / "data" / "fixed_set_levels.json").read_text())
+    text = (ROOT / "docs" / "llm.md").read_text()
+    probe, control, wide, big = (saved[k] for k in ("probe 46 x 2", "control 32 x 2", "probe 46 x 8", "control 64 x 2"))
+    for x in (probe["standard_error"], control["standard_error"], control["difference_standard_error"],
+              wide["standard_error"], big["difference_from_probe"]):
+        assert f"{abs(x):.3f}" in text, x
+    # the claims: ten times 5% of the falling range (0.01 nats), fourteen times 5% of the rising one (0.0075)
+    assert int(control["difference_standard_error"] / 0.01) == 10
+    assert int(control["difference_standard_error"] / 0.0075) == 14

@@ -237,6 +237,18 @@ def test_config_converts_and_checks_itself_when_made():
         TrainConfig(control_gradient_every=4, predictor="param")
     with pytest.raises(UserError, match="it needs --control-prompts and --measure-entropy-change"):
         TrainConfig(control_gradient_every=4, predictor="param", control_prompts=4, measure_entropy_change=False)
+    with pytest.raises(UserError, match="--adam-warm-start 2 fills AdamW's second moment: it needs --optimizer adamw"):
+        TrainConfig(adam_warm_start=2, optimizer="sgd")
+    with pytest.raises(UserError, match="--momentum-projection projects the parameter-space prediction"):
+        TrainConfig(momentum_projection=True)
+    with pytest.raises(UserError, match="needs --predictor param and --method entrocraft-predictive"):
+        TrainConfig(momentum_projection=True, predictor="param", method="vanilla")
+    with pytest.raises(UserError, match="it needs --ppo-epochs 1 and --mini-batches 1"):
+        TrainConfig(momentum_projection=True, predictor="param", ppo_epochs=2)
+    with pytest.raises(UserError, match="estimates the second moment from whole-batch gradients"):
+        TrainConfig(adam_warm_start=2, mini_batches=2)
+    with pytest.raises(UserError, match="adam_warm_start must be >= 0, got -1"):
+        TrainConfig(adam_warm_start=-1)
     with pytest.raises(UserError, match="probe_samples must be >= 1, got 0"):
         TrainConfig(probe_samples=0)
     with pytest.raises(UserError, match="control_samples must be >= 1, got 0"):

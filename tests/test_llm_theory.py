@@ -240,3 +240,87 @@ def test_control_gradient_reused_between_refreshes(tmp_path, monkeypatch):
     assert len(trained) >= 2
     for r in trained:
         assert r["predicted_entropy_change"] == pytest.approx(r["exact_predicted_entropy_change"], rel=1e-5)
+
+
+def test_adam_warm_start_fills_the_second_moment_only(tmp_path):
+    """--adam-warm-start 2: AdamW's second moment is (1 - beta2^2) times the mean squared (clipped) loss gradient
+    of two batches of the initial policy, recomputed here by autograd on the same rollouts; the step count is 2,
+    the momentum zero, no weight moves, and the training batches are those of a run without it. Adam's linear
+    map in the gradient, zero at a cold first step (sign-like), is then close to (1 - 1/3) of the frozen one."""
+    from entrotheory.param_space import preconditioner_from_optimizer
+
+    cfg = TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0, "adam_warm_start": 2, "grad_clip": 0.5})
+    trainer = Trainer(cfg, Path(tmp_path))
+    weights = [p.detach().clone() for p in trainer.params]
+    expected = [torch.zeros_like(p) for p in trainer.params]
+    scales = []
+    for k in range(2):
+        batch = trainer._sample(k, purpose="adam-warm-start")
+        logits = trainer._plain_logits(trainer.model, batch, torch.arange(batch.mask.shape[0]))
+        lp = response_log_probs(logits, batch.roll.tokens)
+        loss = -(batch.advantages * lp)[batch.mask].sum() / batch.mask.sum()
+        grads = torch.autograd.grad(loss, trainer.params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainer.params, grads)]
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        assert norm > 0
+        scale = min(1.0, 0.5 / float(norm))
+        scales.append(scale)
+        assert batch.roll.texts != trainer._sample(k).roll.texts  # its own rollouts, not the training batch k
+        for e, g in zip(expected, grads):
+            e.add_((g * scale) ** 2 / 2)
+    assert min(scales) < 1.0  # the clip is active: v is of the clipped gradients, as the update clips
+    cold_batch = trainer._sample(0)
+    trainer.warm_start_optimizer()
+    beta2 = cfg.adam_beta2
+    for p, w, e in zip(trainer.params, weights, expected):
+        state = trainer.optimizer.state[p]
+        assert torch.equal(p.detach(), w)
+        assert float(state["step"]) == 2.0
+        assert not state["exp_avg"].any()
+        torch.testing.assert_close(state["exp_avg_sq"], e * (1 - beta2**2), rtol=1e-4, atol=1e-12)
+    assert sum(float(e.sum()) for e in expected) > 0
+    assert trainer._sample(0).roll.texts == cold_batch.roll.texts  # the training batches are unchanged
+    # the gain of Adam's step about a reference gradient g0 = the mean warm-up gradient scale: with vhat = g0^2
+    # the cold step's gain is 0; warm, it is (1 - b1)/bc1 P (1 - (1 - b2)/bc2 g0^2 P / sqrt(vhat)) > 0
+    ref = [e.sqrt() for e in expected]
+    warm = preconditioner_from_optimizer(trainer.optimizer, trainer.params, grads=ref)
+    frozen = preconditioner_from_optimizer(trainer.optimizer, trainer.params)
+    big = [e > e.max() * 1e-2 for e in expected]
+    ratio = torch.cat([(a / b)[m] for a, b, m in zip(warm.gain, frozen.gain, big)])
+    assert float(ratio.min()) > 0.5 and float(ratio.max()) < 1.0
+    cold = Trainer(cfg, Path(tmp_path) / "cold")
+    cold_gain = preconditioner_from_optimizer(cold.optimizer, cold.params, grads=ref).gain
+    cold_ratio = torch.cat([(a / b)[m] for a, b, m in zip(cold_gain, warm.gain, big)])
+    assert float(cold_ratio.abs().max()) < 1e-2  # eps / (|g0| + eps) of the warm one, where g0 is not tiny
+
+
+def test_momentum_projection_asks_for_the_projected_change(tmp_path):
+    """--momentum-projection: the sampler is asked for (target(t + W) - H) / W - drift, W the real optimiser's
+    momentum carry factor (3.01 before AdamW's first step, 4.24 before its second), so that the projected entropy
+    H + W (drift + C) lands on the schedule W - 1 steps after the next; with plain SGD (no momentum) W = 1 and
+    the request is the usual target(t + 1) - H - drift."""
+    from entrotheory.param_space import momentum_carry_factor
+    from entrotheory.schedules import parse_schedule
+
+    base = {**PRESETS["smoke"], "eval_prompts": 0, "predictor": "param", "control_prompts": 3,
+            "method": "entrocraft-predictive",
+            "schedule": "linear:0.9->0.5", "momentum_projection": True, "steps": 10}
+    schedule = parse_schedule("linear:0.9->0.5", 10)
+    for optimizer, warmup, carries in (("adamw", 0, (3.0096, 4.2425)), ("adamw", 3, (None, None)),
+                                       ("sgd", 0, (1.0, 1.0))):
+        cfg = TrainConfig(**{**base, "optimizer": optimizer, "warmup_steps": warmup})
+        trainer = Trainer(cfg, Path(tmp_path) / f"{optimizer}{warmup}")
+        for t, carry in enumerate(carries):
+            row = trainer.train_step(t)
+            if carry is not None:
+                assert row["momentum_carry"] == pytest.approx(carry, abs=1e-4)
+            # with a warm-up the learning rates of the coming steps rise: (t + k + 1) / warmup, capped at 1
+            lr = (lambda k, t=t, w=warmup: min(1.0, (t + k + 1) / w)) if warmup else None
+            assert row["momentum_carry"] == pytest.approx(momentum_carry_factor(t, 0.9 if optimizer == "adamw"
+                                                                                else 0.0, lr_factors=lr))
+            h, drift, carry = row["control_entropy"], row["predicted_drift"], row["momentum_carry"]
+            assert row["lead_target"] == pytest.approx(schedule(t + carry))
+            assert row["projected_entropy"] == pytest.approx(h + carry * drift)
+            assert row["desired_change"] == pytest.approx((schedule(t + carry) - h) / carry - drift, abs=1e-9)
+            if optimizer == "sgd":
+                assert row["desired_change"] == pytest.approx(schedule(t + 1) - h - drift, abs=1e-9)

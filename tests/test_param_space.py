@@ -589,3 +589,43 @@ def test_clear_errors():
         param_space_contributions(fn, params, tokens, adv, pre, mask, normalizer=0.0)
     with pytest.raises(ValueError, match="unknown method"):
         logit_directional_derivative(fn, params, params, method="bogus")
+
+
+@pytest.mark.parametrize("taken, warmup", [(0, 0), (3, 0), (40, 0), (2, 6)])
+def test_momentum_carry_factor_is_the_real_optimisers_lifetime_effect(taken, warmup):
+    """W of eq. 5.2e against real torch steps: a gradient given once at step tau = taken + 1 (zero gradients
+    before and after) moves a linear function <a, theta> by W times its move at step tau, over the following
+    steps. Adam with eps >> sqrt(vhat) has a constant preconditioner 1/eps (the assumption of W; relative error
+    ~ sqrt(vhat)/eps = 1e-8); SGD with momentum has no bias correction; a linear learning-rate warm-up enters
+    through lr_factors."""
+    from entrotheory.param_space import momentum_carry_factor
+
+    gen = torch.Generator().manual_seed(taken)
+    a = torch.randn(5, generator=gen, dtype=torch.float64)
+    g = torch.randn(5, generator=gen, dtype=torch.float64)
+
+    def lam(s):
+        return min(1.0, (s + 1) / warmup) if warmup else 1.0
+
+    for kind in ("adam", "sgd"):
+        theta = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        opt = (torch.optim.Adam([theta], lr=0.1, betas=(0.9, 0.999), eps=1e8) if kind == "adam"
+               else torch.optim.SGD([theta], lr=0.1, momentum=0.9))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        moves = []
+        for step in range(taken + 400):
+            before = float(a @ theta.detach())
+            theta.grad = g.clone() if step == taken else torch.zeros_like(g)
+            opt.step()
+            sched.step()
+            moves.append(float(a @ theta.detach()) - before)
+        now, later = moves[taken], sum(moves[taken:])
+        assert abs(now) > 0
+        w = momentum_carry_factor(taken, 0.9, bias_correction=kind == "adam", lr_factors=lambda k: lam(taken + k))
+        assert later / now == pytest.approx(w, rel=1e-6), kind
+    assert momentum_carry_factor(taken, 0.0) == 1.0
+    assert momentum_carry_factor(10_000, 0.9) == pytest.approx(10.0, rel=1e-9)
+    with pytest.raises(ValueError, match="beta1 must be < 1"):
+        momentum_carry_factor(0, 1.0)
+    with pytest.raises(ValueError, match="steps_taken must be an int >= 0"):
+        momentum_carry_factor(-1, 0.9)
