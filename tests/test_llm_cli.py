@@ -332,3 +332,23 @@ def test_probe_entropy_is_held_out_and_repeatable(tmp_path):
     assert code == 0
     got = rows(out)
     assert ["probe_entropy" in r for r in got] == [True, False, True]
+
+
+def test_adam_warm_start_runs_once_and_not_on_resume(tmp_path):
+    """--adam-warm-start 2 from the command line: AdamW's step count is 2 + the steps trained (the warm start
+    ran once, before step 0); a resume restores the state from the checkpoint and does not warm-start again."""
+    def adam_steps(out: Path) -> set[float]:
+        state = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=False)
+        state = state.get("state", state.get("optimizer", {}).get("state", {})) if isinstance(state, dict) else {}
+        return {float(s["step"]) for s in state.values() if "step" in s}
+
+    def updates(out: Path) -> int:  # optimiser steps taken: the trained rows that were not skipped
+        return sum(1 for r in rows(out) if not r.get("final") and not r.get("skipped"))
+
+    code, out = run_cli(tmp_path, "warm", "--steps", "4", "--adam-warm-start", "2", "--stop-after", "1",
+                        "--eval-prompts", "0")
+    assert code == 0 and updates(out) >= 1  # else a second warm start on resume would go unseen
+    assert adam_steps(out) == {2.0 + updates(out)}
+    assert main(["--resume", str(out)]) == 0
+    assert updates(out) >= 2
+    assert adam_steps(out) == {2.0 + updates(out)}
