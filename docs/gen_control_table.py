@@ -20,6 +20,11 @@ row scores the steps ``t >= 10`` alone, after AdamW's first steps, whose size th
 (docs/llm.md). A run without a schedule (vanilla) is scored against the schedule named for it. The "held-out minus
 control-set" row is the difference of the two fixed sets' entropies at the same weights (both read before update
 ``t``) at the first and the last probe: the level offset that the controller cannot see, and how it drifts.
+
+A relative schedule (``H0`` in its spec, docs/theory.md §4.1) asks every set to move by the schedule's change
+from where it starts, so each series is scored against its own step-0 value plus that change:
+``e_t = x(t) - x(0) - (schedule(t) - schedule(0))`` (for the control set ``x(0)`` is the run's
+``schedule_anchor``; the held-out probe's level offset is then no error, its drift is).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import math
 import sys
 from pathlib import Path
 
-from entrotheory.schedules import parse_schedule
+from entrotheory.schedules import anchor_schedule_spec, is_relative_spec, parse_schedule
 from llm.train import summarize
 
 SETTLED = 10  # the first step the "from step" row scores: AdamW's first steps are over (docs/llm.md)
@@ -57,6 +62,11 @@ def truncate(rows: list[dict], steps: int) -> list[dict]:
 def tracking(rows: list[dict], spec: str, key: str = "probe_entropy", first: int = 1) -> dict[str, float]:
     """Errors of ``key`` against ``spec`` over the steps ``t >= first`` where it was measured (see module doc)."""
     steps = max(int(r["step"]) for r in rows)
+    if is_relative_spec(spec):  # each series against its own start plus the schedule's change
+        start = [float(r[key]) for r in rows if int(r["step"]) == 0 and isinstance(r.get(key), (int, float))]
+        if not start:
+            return {"rms": math.nan, "mae": math.nan, "bias": math.nan, "std": math.nan, "n": 0.0}
+        spec = anchor_schedule_spec(spec, start[0])
     schedule = parse_schedule(spec, steps)
     span = abs(schedule(0) - schedule(steps))
     errors = [float(r[key]) - schedule(int(r["step"])) for r in rows
@@ -164,8 +174,17 @@ def figure(argv: list[str], out: Path) -> Path:
             if any("entropy_estimate" in r for r in train):
                 ax.plot([r["step"] for r in train], [r["entropy_estimate"] for r in train], ":", color=color,
                         lw=1.2, label=f"{label}: state estimate")
-        sched = parse_schedule(spec, steps)
-        ax.plot(range(steps + 1), [sched(t) for t in range(steps + 1)], "k--", lw=1.3, label=f"schedule {spec}")
+        if is_relative_spec(spec):  # anchored at the control set (the controller's) and at the probe's start
+            rows = next(rows for _, s, rows in runs if s == spec)
+            starts = {"control set": next(r["schedule_anchor"] for r in rows if "schedule_anchor" in r),
+                      "held-out probe": next(r["probe_entropy"] for r in rows if "probe_entropy" in r)}
+            for (what, h0), style in zip(starts.items(), ("k--", "k:")):
+                sched = parse_schedule(anchor_schedule_spec(spec, h0), steps)
+                ax.plot(range(steps + 1), [sched(t) for t in range(steps + 1)], style, lw=1.3,
+                        label=f"schedule {spec}, H0 of the {what}")
+        else:
+            sched = parse_schedule(spec, steps)
+            ax.plot(range(steps + 1), [sched(t) for t in range(steps + 1)], "k--", lw=1.3, label=f"schedule {spec}")
         ax.set(title=f"schedule {spec}", xlabel="step (updates so far)", ylabel="token entropy (nats)")
         ax.legend(fontsize=7)
     fig.suptitle("thin lines: batch entropy of each step's own samples", fontsize=9)

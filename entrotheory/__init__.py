@@ -30,7 +30,7 @@ from .param_space import (
     sgd_preconditioner,
 )
 from .rejection import EntropyRejectionSampler, SamplerOptions, Selection
-from .schedules import Band, Schedule, parse_band, parse_schedule
+from .schedules import Band, Schedule, anchor_schedule_spec, is_relative_spec, parse_band, parse_schedule
 from .state_estimate import EntropyStateEstimate, batch_entropy_variance
 from .tokens import (
     TokenEntropyStats,
@@ -61,6 +61,8 @@ __all__ = [
     "Band",
     "parse_schedule",
     "parse_band",
+    "is_relative_spec",
+    "anchor_schedule_spec",
     "EntropyRejectionSampler",
     "Selection",
     "METHODS",

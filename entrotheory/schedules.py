@@ -12,6 +12,12 @@ Compact string specs (for command lines and configs)::
     exponential:0.7->0.5             H(t) = a (b / a)^(t / T)          (a, b > 0)
     piecewise:0:0.7,100:0.6,200:0.5  step function: value of the last breakpoint <= t
     0.6                              shorthand for constant:0.6
+    linear:H0->H0-0.2                relative: H0 is the entropy at the start of training
+
+A value written ``H0``, ``H0+x`` or ``H0-x`` is relative to the initial entropy ``H0`` of whatever
+the controller controls, which only the training loop knows: such a spec is anchored with
+:func:`anchor_schedule_spec` (``llm.train`` measures ``H0`` before its first update) and then
+parses like any other; :func:`parse_schedule` refuses it unanchored (docs/theory.md §4.1).
 
 A band spec is ``LOWER..UPPER`` (two schedule specs), e.g. ``linear:0.6->0.4..linear:0.7->0.5``
 (the released recipe), or a centre schedule spec plus ``width`` (``lower = centre - width/2``,
@@ -22,11 +28,13 @@ parses back to the same schedule (round trip).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["SCHEDULE_KINDS", "Schedule", "Band", "parse_schedule", "parse_band"]
+__all__ = ["SCHEDULE_KINDS", "Schedule", "Band", "parse_schedule", "parse_band", "is_relative_spec",
+           "anchor_schedule_spec"]
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "piecewise", "callable")
 
@@ -34,6 +42,49 @@ _SPEC_HELP = (
     "expected one of 'constant:H', 'linear:H0->H1', 'cosine:H0->H1', 'exponential:H0->H1', "
     "'piecewise:STEP:H,STEP:H,...' (first STEP 0, increasing) or a bare number; entropies in nats, >= 0"
 )
+
+
+#: a value relative to the initial entropy: ``H0``, ``H0+x`` or ``H0-x`` (x a plain non-negative number; the
+#: ``->`` after a bare ``H0`` is not a sign)
+_RELATIVE_TERM = re.compile(r"\bH0\b(?:\s*([+-])\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?))?", re.IGNORECASE)
+
+
+def is_relative_spec(spec: object) -> bool:
+    """Whether a schedule or band spec string has values relative to the initial entropy (``H0``)."""
+    return isinstance(spec, str) and _RELATIVE_TERM.search(spec) is not None
+
+
+def anchor_schedule_spec(spec: str, h0: float) -> str:
+    """The spec with every ``H0``, ``H0+x``, ``H0-x`` replaced by the number ``h0``, ``h0 + x``, ``h0 - x``.
+
+    ``anchor_schedule_spec("linear:H0->H0-0.2", 0.86)`` is ``"linear:0.86->0.66"`` (up to float
+    rounding), which :func:`parse_schedule` or :func:`parse_band` then parse and check (a value that
+    comes out negative is an error there). A spec without ``H0`` comes back unchanged.
+
+    Parameters
+    ----------
+    spec : a schedule or band spec string (module docstring).
+    h0 : the initial entropy, nats per token, finite and ``>= 0``.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"anchor_schedule_spec takes a spec string, got {type(spec).__name__}")
+    if isinstance(h0, bool) or not isinstance(h0, (int, float, np.integer, np.floating)) or not math.isfinite(h0) \
+            or h0 < 0:
+        raise ValueError(f"the initial entropy H0 to anchor {spec!r} at must be a finite number >= 0, got {h0!r}")
+
+    def value(m: re.Match) -> str:
+        sign, x = m.group(1), m.group(2)
+        v = float(h0) if sign is None else float(h0) + (float(x) if sign == "+" else -float(x))
+        return _fmt(round(v, 12))  # 0.862 - 0.2 is written 0.662, not 0.6619999999999999
+
+    return _RELATIVE_TERM.sub(value, spec)
+
+
+def _refuse_relative(spec: str) -> None:
+    if is_relative_spec(spec):
+        raise ValueError(f"schedule spec {spec!r} is relative to the initial entropy H0: anchor it first with "
+                         "anchor_schedule_spec(spec, h0) (llm.train does so with the entropy it controls, measured "
+                         "before the first update)")
 
 
 def _check_total_steps(total_steps: object) -> int:
@@ -264,6 +315,7 @@ def parse_schedule(spec: str | float | Schedule | Callable[[float], float], tota
     text = spec.strip()
     if not text:
         raise ValueError(f"empty schedule spec {spec!r}; {_SPEC_HELP}")
+    _refuse_relative(text)
     if ":" not in text:
         return Schedule("constant", (_entropy(text, spec, "the constant"),), total_steps)
     kind, _, body = text.partition(":")
@@ -333,6 +385,8 @@ def parse_band(
         if width is not None:
             raise ValueError("width applies only to a centre schedule spec, not to a (lower, upper) pair")
         return Band(parse_schedule(spec[0], total_steps), parse_schedule(spec[1], total_steps))
+    if isinstance(spec, str):
+        _refuse_relative(spec)
     if isinstance(spec, str) and ".." in spec:
         if width is not None:
             raise ValueError(f"band spec {spec!r} gives both bounds; do not pass width")

@@ -62,7 +62,8 @@ class TrainConfig:
     method: str = _opt("entrocraft-predictive", "a name in entrotheory.methods.METHODS: " + ", ".join(METHODS)
                        + "; aliases " + ", ".join(f"{a} = {m}" for a, m in METHOD_ALIASES.items()),
                        section="entropy method")
-    schedule: str = _opt("", "target entropy: schedule spec or band LOWER..UPPER (entrotheory.schedules)")
+    schedule: str = _opt("", "target entropy: schedule spec or band LOWER..UPPER (entrotheory.schedules); "
+                         "H0 in a value is the controlled entropy before the first update (linear:H0->H0-0.2)")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra make_method options, a mapping (on the command line as YAML/JSON, e.g. '{coef: 0.003}')"})
     calibration_factor: float = _opt(

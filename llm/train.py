@@ -59,6 +59,7 @@ from entrotheory.param_space import (
     momentum_carry_factor,
     optimizer_step_direction,
 )
+from entrotheory.schedules import anchor_schedule_spec, is_relative_spec
 from entrotheory.state_estimate import EntropyStateEstimate, batch_entropy_variance
 
 from .config import TrainConfig, build_parser, config_from_args, save_yaml
@@ -134,9 +135,17 @@ def resolve_device(spec: str, dist: DistContext | None = None) -> torch.device:
     return device
 
 
-def build_method(cfg: TrainConfig, verbose: bool = True):
+#: the anchor with which a relative schedule (``H0`` in ``--schedule``) is checked before the run knows its
+#: initial entropy: large enough that ``H0 - x`` stays >= 0 for any sensible ``x`` (the real anchor's check
+#: comes at the first step)
+_PROVISIONAL_ANCHOR = 1e3
+
+
+def build_method(cfg: TrainConfig, verbose: bool = True, anchor: float | None = None):
     """``make_method`` with the run's schedule, horizon, rule, learning rate, calibration factor and
-    ``method_options`` (the config has checked the method's and the estimator's names)."""
+    ``method_options`` (the config has checked the method's and the estimator's names). A relative schedule
+    (docs/theory.md §4.1) is anchored at ``anchor``, the controlled entropy before the first update; without
+    one the method is provisional (anchored far above any entropy, only to check the spec)."""
     opts: dict[str, object] = {"total_steps": cfg.steps, "rule": cfg.rule, "lr": cfg.lr}
     accepts_schedule = "schedule" in METHODS[cfg.method].OPTIONS
     if cfg.schedule:
@@ -144,6 +153,8 @@ def build_method(cfg: TrainConfig, verbose: bool = True):
             raise UserError(f"method {cfg.method!r} takes no --schedule (got {cfg.schedule!r}); methods that do: "
                             + ", ".join(n for n, c in METHODS.items() if "schedule" in c.OPTIONS))
         opts["schedule"] = cfg.schedule
+        if is_relative_spec(cfg.schedule):
+            opts["schedule"] = anchor_schedule_spec(cfg.schedule, _PROVISIONAL_ANCHOR if anchor is None else anchor)
     opts.update(_calibration_options(cfg))
     opts.update(cfg.method_options)
     if verbose and cfg.method == "kl-cov" and cfg.ppo_epochs == 1:
@@ -153,6 +164,8 @@ def build_method(cfg: TrainConfig, verbose: bool = True):
         return make_method(cfg.method, **opts)
     except (TypeError, ValueError) as exc:
         what = f"--schedule {cfg.schedule!r}" if cfg.schedule else f"--method {cfg.method!r}"
+        if anchor is not None and is_relative_spec(cfg.schedule):
+            what += f" anchored at the initial entropy H0 = {anchor:.4g}"
         raise UserError(f"{what}: {exc}") from None
 
 
@@ -472,6 +485,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device, self.dist)
         self.method = build_method(cfg, verbose=self.dist.is_main)
+        # a relative schedule's anchor: the controlled entropy before the first update, set by the first plan (or
+        # a checkpoint); until then the method is provisional
+        self.schedule_anchor: float | None = None
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
         self.model.to(self.device)
         if cfg.predictor == "param" and cfg.param_derivative == "jvp":
@@ -917,6 +933,10 @@ class Trainer:
         scale = self._normaliser_scale(batch)
         lr_now = self.optimizer.param_groups[0]["lr"]
         control, extra = self._control_entropy(batch, entropy)
+        if is_relative_spec(cfg.schedule):
+            if self.schedule_anchor is None:  # the first plan of a fresh run: at the initial weights
+                self.anchor_schedule(control)
+            extra["schedule_anchor"] = self.schedule_anchor
         drift = 0.0
         if batch.param is not None:
             # c_t = (A_t / N_m) s_t is token t's share of the step's change (nats); the methods take contributions
@@ -945,6 +965,14 @@ class Trainer:
         # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
         param_pred = drift + float((plan.advantages * batch.param.directional * scale / n_tok).sum())
         return _Planned(plan, entropy, lr_now, extra, param_pred, logit_pred)
+
+    def anchor_schedule(self, entropy: float) -> None:
+        """Anchor a relative ``--schedule`` (``H0`` terms, docs/theory.md §4.1) at ``entropy``, the entropy the
+        method controls before the first update (the control set's, the state estimate's or the batch's), and
+        build the method with it (the provisional one has no state yet). Every rank plans on the same global
+        values, so every rank anchors at the same number."""
+        self.method = build_method(self.cfg, verbose=False, anchor=float(entropy))
+        self.schedule_anchor = float(entropy)
 
     def _momentum_projection(self, step: int, control: float, drift: float, extra: dict) -> float:
         """``--momentum-projection``: the entropy to hand the predictive sampler so that it aims the projected
@@ -1289,7 +1317,7 @@ class Trainer:
         torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
         state = {"next_step": next_step, "method": self.method.state_dict(), "nan_streak": self.nan_streak,
                  "estimate": self.estimate.state_dict() if self.estimate is not None else {},
-                 "last_accepted_fraction": self.last_accepted_fraction,
+                 "last_accepted_fraction": self.last_accepted_fraction, "schedule_anchor": self.schedule_anchor,
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -1339,6 +1367,12 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+        anchor = state.get("schedule_anchor")
+        if is_relative_spec(self.cfg.schedule) and anchor is not None:
+            self.anchor_schedule(anchor)  # the method of the run, anchored where it was, before its state
+        elif is_relative_spec(self.cfg.schedule) and int(state["next_step"]) > 0:
+            raise UserError(f"checkpoint {str(ckpt)!r} has no anchor for the relative --schedule "
+                            f"{self.cfg.schedule!r} (it was written by a run with an absolute schedule)")
         try:
             self.method.load_state_dict(state["method"])
         except (ValueError, KeyError) as exc:

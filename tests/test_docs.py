@@ -132,3 +132,22 @@ def test_fixed_set_level_errors_quoted_in_the_guide_are_the_saved_ones():
     # the claims: ten times 5% of the falling range (0.01 nats), fourteen times 5% of the rising one (0.0075)
     assert int(control["difference_standard_error"] / 0.01) == 10
     assert int(control["difference_standard_error"] / 0.0075) == 14
+
+
+def test_tracking_error_of_a_relative_schedule_is_against_each_series_own_start():
+    """For linear:H0->H0-0.2 each series is scored against its own step-0 value plus the schedule's change: a
+    probe 0.05 nats above the control set that moves with the schedule scores 0 (an absolute schedule would
+    score the 0.05 as bias); a probe whose change falls short by 0.01 nats per 10 steps scores that drift."""
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_control_table.py"))
+    change = [-0.2 * t / 10 for t in range(11)]
+    rows = [{"step": t, "control_entropy": 0.8 + change[t], "probe_entropy": 0.85 + change[t]} for t in range(11)]
+    for key in ("control_entropy", "probe_entropy"):
+        exact = gen["tracking"](rows, "linear:H0->H0-0.2", key=key)
+        assert exact["rms"] == pytest.approx(0.0, abs=1e-9) and exact["n"] == 10
+    assert gen["tracking"](rows, "linear:0.8->0.6")["bias"] == pytest.approx(0.05)
+    drifting = [{**r, "probe_entropy": r["probe_entropy"] + 0.001 * r["step"]} for r in rows]
+    got = gen["tracking"](drifting, "linear:H0->H0-0.2")
+    assert got["bias"] == pytest.approx(0.001 * 5.5) and got["span"] == pytest.approx(0.2)
+    assert gen["tracking"]([r for r in rows if r["step"] > 0], "linear:H0->H0-0.2")["n"] == 0  # no start: no score

@@ -352,3 +352,33 @@ def test_adam_warm_start_runs_once_and_not_on_resume(tmp_path):
     assert main(["--resume", str(out)]) == 0
     assert updates(out) >= 2
     assert adam_steps(out) == {2.0 + updates(out)}
+
+
+def test_relative_schedule_is_anchored_at_the_controlled_entropy_and_kept_on_resume(tmp_path):
+    """--schedule linear:H0->H0-0.3: anchored at the entropy the method controls before the first update (here
+    the control set's, measured at the initial weights), the targets are that anchor plus the schedule's change,
+    and a resume keeps the anchor from the checkpoint instead of measuring the moved policy again."""
+    T, drop = 4, 0.3
+    code, out = run_cli(tmp_path, "rel", "--steps", str(T), "--method", "entrocraft-predictive", "--predictor",
+                        "param", "--control-prompts", "2", "--schedule", "linear:H0->H0-0.3", "--stop-after", "2",
+                        "--eval-prompts", "0")
+    assert code == 0
+    first = rows(out)
+    anchor = first[0]["schedule_anchor"]
+    assert anchor == first[0]["control_entropy"]  # the controlled entropy at the initial weights
+    assert main(["--resume", str(out)]) == 0
+    got = [r for r in rows(out) if not r.get("final")]
+    assert [r["step"] for r in got] == list(range(T))
+    assert got[2]["control_entropy"] != anchor  # the policy moved: a re-anchored resume would differ
+    for r in got:
+        assert r["schedule_anchor"] == anchor
+        progress = min(r["step"] + 1, T) / T  # llm.train reads the schedule one step ahead (step_offset 1)
+        assert r["target_entropy"] == pytest.approx(anchor - drop * progress, abs=1e-9)
+
+
+def test_relative_schedule_anchored_below_zero_is_a_clear_error(tmp_path, capsys):
+    code, out = run_cli(tmp_path, "rel-bad", "--steps", "2", "--method", "entrocraft-predictive",
+                        "--schedule", "linear:H0->H0-100", "--eval-prompts", "0")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "linear:H0->H0-100" in err and "anchored at the initial entropy H0 =" in err and "negative entropy" in err

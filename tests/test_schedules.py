@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entrotheory.schedules import Band, Schedule, parse_band, parse_schedule
+from entrotheory.schedules import Band, Schedule, anchor_schedule_spec, is_relative_spec, parse_band, parse_schedule
 
 entropies = st.floats(min_value=0.0, max_value=20.0, allow_nan=False, allow_infinity=False)
 positive = st.floats(min_value=1e-3, max_value=20.0, allow_nan=False, allow_infinity=False)
@@ -163,3 +163,27 @@ def test_samplers_and_methods_retarget_a_centre_band():
     assert w.band.upper(100) == pytest.approx(0.65)
     m = make_method("entrocraft-band", band=band, total_steps=200)
     assert m.sampler.band.lower(100) == pytest.approx(0.55) and m.sampler.band.spec == band.spec
+
+
+def test_relative_specs_are_anchored_and_refused_unanchored():
+    # every H0 term becomes the anchored number; the '->' after a bare H0 is not a minus sign
+    assert anchor_schedule_spec("linear:H0->H0-0.2", 0.862) == "linear:0.862->0.662"
+    assert anchor_schedule_spec("cosine:H0 -> 0.5", 0.7) == "cosine:0.7 -> 0.5"
+    assert anchor_schedule_spec("piecewise:0:H0,10:h0+1e-1", 0.5) == "piecewise:0:0.5,10:0.6"
+    assert anchor_schedule_spec("linear:H0->H0-0.2+-0.05", 1.0) == "linear:1.0->0.8+-0.05"
+    assert anchor_schedule_spec("linear:0.85->0.65", 0.3) == "linear:0.85->0.65"  # absolute: unchanged
+    sched = parse_schedule(anchor_schedule_spec("linear:H0->H0+0.15", 0.8), 30)
+    assert sched(0) == pytest.approx(0.8) and sched(15) == pytest.approx(0.875) and sched(30) == pytest.approx(0.95)
+    band = parse_band(anchor_schedule_spec("linear:H0-0.1->0.4..linear:H0->0.5", 0.9), 10)
+    assert band.lower(0) == pytest.approx(0.8) and band.upper(0) == pytest.approx(0.9)
+    assert is_relative_spec("constant:H0") and not is_relative_spec("linear:0.7->0.5") and not is_relative_spec(0.5)
+    for spec in ("linear:H0->H0-0.2", "constant:H0"):
+        with pytest.raises(ValueError, match="relative to the initial entropy H0"):
+            parse_schedule(spec, 10)
+    with pytest.raises(ValueError, match="relative to the initial entropy H0"):
+        parse_band("linear:H0->0.4..linear:0.8->0.5", 10)
+    with pytest.raises(ValueError, match="negative entropy"):  # anchored too low: the usual check
+        parse_schedule(anchor_schedule_spec("linear:H0->H0-1", 0.862), 10)
+    for bad in (-0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="H0"):
+            anchor_schedule_spec("constant:H0", bad)
