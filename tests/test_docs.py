@@ -77,7 +77,15 @@ WARMSTART_RUNS = [
 ]
 
 
-@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS], ids=["no-warmup", "warmup", "warm-start"])
+RELATIVE_RUNS = [
+    "warm start, relative, seed 0|linear:H0->H0-0.2|{data}/llm_control_set_cheap_warm_relative_metrics.jsonl",
+    "warm start, relative, seed 1|linear:H0->H0-0.2|{data}/llm_control_set_cheap_warm_relative_seed1_metrics.jsonl",
+    "warm start, relative, seed 0|linear:H0->H0+0.15|{data}/llm_control_set_cheap_warm_relative_rising_metrics.jsonl",
+]
+
+
+@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS, RELATIVE_RUNS],
+                         ids=["no-warmup", "warmup", "warm-start", "relative"])
 def test_control_table_is_regenerated_from_the_saved_metrics(runs):
     """docs/llm.md quotes the control tables that docs/gen_control_table.py makes from docs/data."""
     import runpy
