@@ -175,9 +175,9 @@ def figure(argv: list[str], out: Path) -> Path:
                 ax.plot([r["step"] for r in train], [r["entropy_estimate"] for r in train], ":", color=color,
                         lw=1.2, label=f"{label}: state estimate")
         if is_relative_spec(spec):  # anchored at the control set (the controller's) and at the probe's start
-            rows = next(rows for _, s, rows in runs if s == spec)
-            starts = {"control set": next(r["schedule_anchor"] for r in rows if "schedule_anchor" in r),
-                      "held-out probe": next(r["probe_entropy"] for r in rows if "probe_entropy" in r)}
+            first_run = next(run_rows for _, s, run_rows in runs if s == spec)
+            starts = {"control set": next(r["schedule_anchor"] for r in first_run if "schedule_anchor" in r),
+                      "held-out probe": next(r["probe_entropy"] for r in first_run if "probe_entropy" in r)}
             for (what, h0), style in zip(starts.items(), ("k--", "k:")):
                 sched = parse_schedule(anchor_schedule_spec(spec, h0), steps)
                 ax.plot(range(steps + 1), [sched(t) for t in range(steps + 1)], style, lw=1.3,
