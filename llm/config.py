@@ -84,7 +84,7 @@ class TrainConfig:
                                   "entropy")
     estimate_process_std: float = _opt(0.01, "nats: what one step's measured change misses of the policy's change")
     control_prompts: int = _opt(
-        0, "control the entropy of a fixed control set instead of the batch: this many training prompts, "
+        0, "control the entropy of a fixed control set instead of the batch: this many distinct training prompts, "
         "control_samples responses each sampled once from the initial policy (needs --predictor param; 0 = off)")
     control_samples: int = _opt(2, "responses per prompt of the control set")
     control_gradient_every: int = _opt(

@@ -86,6 +86,26 @@ class Task:
     def eval_set(self, n: int) -> list[Problem]:
         raise NotImplementedError
 
+    def distinct_train_set(self, n: int, rng: random.Random, tries_per_problem: int = 200) -> list[Problem]:
+        """``n`` training problems with distinct prompts, in the order ``train_batch`` draws them (a sample
+        without replacement: from a pool of ``N`` prompts, a fixed set's mean then deviates from the pool's by
+        ``sqrt((N - n) / (N - 1))`` times as much as with repeats, docs/theory.md §5.6b). Raises :class:`UserError` when
+        ``tries_per_problem * n`` single draws find fewer than ``n`` distinct prompts."""
+        out: list[Problem] = []
+        seen: set[str] = set()
+        for _ in range(tries_per_problem * max(n, 1)):
+            if len(out) == n:
+                break
+            problem = self.train_batch(1, rng)[0]
+            if problem.prompt not in seen:
+                seen.add(problem.prompt)
+                out.append(problem)
+        if len(out) < n:
+            raise UserError(f"the training split has only {len(out)} distinct prompts found in "
+                            f"{tries_per_problem * n} draws; a set of {n} distinct prompts needs fewer "
+                            f"(e.g. --control-prompts {len(out)})")
+        return out
+
     def score(self, problem: Problem, completion: str) -> bool:
         raise NotImplementedError
 

@@ -536,7 +536,8 @@ class Trainer:
         probe = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
         # sampled here, from the initial weights, before any checkpoint is loaded: a resumed run has the same sets
         self.probe_set = self._fixed_set(probe, cfg.probe_samples, "probe") if probe else None
-        control = self.task.train_batch(cfg.control_prompts, random.Random(derive_seed(cfg.seed, "control")))
+        # distinct training prompts: a repeated prompt would weigh twice in the set's entropy
+        control = self.task.distinct_train_set(cfg.control_prompts, random.Random(derive_seed(cfg.seed, "control")))
         self.control_set = self._fixed_set(control, cfg.control_samples, "control") if control else None
 
     # ------------------------------------------------------------------ helpers

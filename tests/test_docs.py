@@ -159,3 +159,26 @@ def test_tracking_error_of_a_relative_schedule_is_against_each_series_own_start(
     got = gen["tracking"](drifting, "linear:H0->H0-0.2")
     assert got["bias"] == pytest.approx(0.001 * 5.5) and got["span"] == pytest.approx(0.2)
     assert gen["tracking"]([r for r in rows if r["step"] > 0], "linear:H0->H0-0.2")["n"] == 0  # no start: no score
+
+
+def test_set_drift_enumerates_each_side_of_the_split_and_keeps_the_first_responses():
+    """docs/gen_set_drift.py's population sets are every problem on each side of the held-out split (together the
+    whole problem space, the held-out side the problems eval_set draws), and its per-prompt sums keep each
+    prompt's first ``samples`` responses in whatever order the rows come."""
+    import runpy
+    from types import SimpleNamespace
+
+    import torch
+
+    from llm.tasks import ArithmeticTask
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_set_drift.py"))
+    task = ArithmeticTask(0, 14)
+    held, train = gen["every_problem"](task, True), gen["every_problem"](task, False)
+    assert len(held) + len(train) == 15 * 15
+    assert {p.prompt for p in held} == {p.prompt for p in task.eval_set(len(held) + 10)}
+    assert not {p.prompt for p in held} & {p.prompt for p in train}
+    fixed = SimpleNamespace(roll=SimpleNamespace(prompt_index=torch.tensor([1, 0, 1, 0, 1, 0])))
+    x = torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0], dtype=torch.float64)
+    assert gen["by_prompt"](x, fixed).tolist() == [101010.0, 10101.0]
+    assert gen["by_prompt"](x, fixed, 2).tolist() == [1010.0, 101.0]

@@ -92,3 +92,22 @@ def test_parquet_dataset_rows_are_loaded_and_bad_rows_reported(tmp_path):
     problems, warnings = load_records(path)
     assert [p.prompt for p in problems] == ["What is 2+2?", "Half of 10?"]
     assert len(warnings) == 1 and "row 1" in warnings[0] and "no prompt" in warnings[0]
+
+
+def test_distinct_train_set_draws_without_repeats_and_refuses_more_than_the_pool():
+    """A control set's prompts are distinct training prompts in train_batch's order; asking for more than the
+    training split holds is a clear error that names how many it has."""
+    task = ArithmeticTask(0, 4, fewshot=0)  # 25 problems, about a fifth held out
+    train = {p.prompt for p in task.train_batch(2000, random.Random(0))}
+    held = {p.prompt for p in task.eval_set(100)}
+    assert len(train) + len(held) == 25
+    got = task.distinct_train_set(len(train), random.Random(1))
+    assert len({p.prompt for p in got}) == len(got) == len(train) and {p.prompt for p in got} == train
+    rng, first = random.Random(3), task.distinct_train_set(5, random.Random(3))
+    order: list[str] = []
+    while len(order) < 5:  # the first five distinct prompts train_batch draws with the same seed
+        p = task.train_batch(1, rng)[0].prompt
+        order += [] if p in order else [p]
+    assert [p.prompt for p in first] == order
+    with pytest.raises(UserError, match=f"only {len(train)} distinct prompts"):
+        task.distinct_train_set(len(train) + 1, random.Random(1))

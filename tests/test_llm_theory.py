@@ -168,6 +168,19 @@ def test_control_set_first_order_change_matches_its_measured_change(tmp_path, lr
     assert exact == pytest.approx(measured, rel=0.1 * lr / 1e-3)
 
 
+def test_control_set_is_distinct_training_prompts(tmp_path):
+    """The trainer's control set holds distinct training prompts: asked for as many as the training split has
+    (19 in the smoke task's 0..4 addition), it is the whole split, each prompt once, with control_samples responses."""
+    import random
+
+    trainer = Trainer(TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0, "predictor": "param",
+                                     "control_prompts": 19, "control_samples": 2}), Path(tmp_path))
+    split = {p.prompt for p in trainer.task.train_batch(3000, random.Random(0))}
+    prompts = [p.prompt for p in trainer.control_set.problems]
+    assert len(split) == 19 and len(prompts) == 19 and set(prompts) == split
+    assert trainer.control_set.roll.prompt_index.bincount().tolist() == [2] * 19
+
+
 @pytest.mark.parametrize("optimizer, lr, control_prompts", [("adamw", 1e-3, 0), ("sgd", 0.05, 0), ("sgd", 0.05, 3)])
 def test_fused_update_equals_the_usual_update(tmp_path, optimizer, lr, control_prompts, monkeypatch):
     """--fused-update (the update reuses the predictor's forward and whole-batch gradient, adding the rejected
