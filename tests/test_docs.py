@@ -84,8 +84,15 @@ RELATIVE_RUNS = [
 ]
 
 
-@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS, RELATIVE_RUNS],
-                         ids=["no-warmup", "warmup", "warm-start", "relative"])
+DISTINCT128_RUNS = [
+    "128 distinct, relative, seed 0|linear:H0->H0-0.2|{data}/llm_control_set128_warm_relative_metrics.jsonl",
+    "128 distinct, relative, seed 1|linear:H0->H0-0.2|{data}/llm_control_set128_warm_relative_seed1_metrics.jsonl",
+    "128 distinct, relative, seed 0|linear:H0->H0+0.15|{data}/llm_control_set128_warm_relative_rising_metrics.jsonl",
+]
+
+
+@pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS, RELATIVE_RUNS, DISTINCT128_RUNS],
+                         ids=["no-warmup", "warmup", "warm-start", "relative", "distinct128"])
 def test_control_table_is_regenerated_from_the_saved_metrics(runs):
     """docs/llm.md quotes the control tables that docs/gen_control_table.py makes from docs/data."""
     import runpy
@@ -182,3 +189,61 @@ def test_set_drift_enumerates_each_side_of_the_split_and_keeps_the_first_respons
     x = torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0], dtype=torch.float64)
     assert gen["by_prompt"](x, fixed).tolist() == [101010.0, 10101.0]
     assert gen["by_prompt"](x, fixed, 2).tolist() == [1010.0, 101.0]
+
+
+def test_set_drift_numbers_quoted_in_the_theory_are_the_saved_ones():
+    """docs/theory.md §5.6b quotes the control-set sampling spreads and the population gaps that
+    docs/gen_set_drift.py saved for the two falling runs of table 4, and the claims it draws hold for them."""
+    import json
+
+    saved = {r["run"]: r for r in json.loads((ROOT / "docs" / "data" / "fixed_set_drift.json").read_text())}
+    runs = [saved["rel-cheap"], saved["rel-cheap-s1"]]
+    text = " ".join((ROOT / "docs" / "theory.md").read_text().split())
+
+    def pair(values):
+        return " / ".join(f"{v:.3f}" for v in values)
+
+    spread = [[r["random_control_sets"][k] for r in runs] for k in ("32 x 2", "128 x 2", "128 x 1")]
+    for quoted in (pair(s["standard_deviation"] for s in spread[0]),
+                   pair(s["standard_deviation_with_repeats"] for s in spread[0]),
+                   pair(s["standard_deviation"] for s in spread[1]),
+                   pair(s["standard_deviation_with_repeats"] for s in spread[1]),
+                   pair(s["standard_deviation"] for s in spread[2]),
+                   pair(r["training_minus_held_out_population"] for r in runs),
+                   pair(r["probe_minus_held_out_population"] for r in runs)):
+        assert quoted in text, quoted
+    ends = " / ".join(f"{r['control_minus_held_out_population']:+.3f}" for r in runs)
+    assert ends in text, ends
+    ends = [r["training_minus_held_out_population"] for r in saved.values() if "-step" not in r["run"]]
+    assert len(ends) == 5 and max(ends) <= 0 and f"between {min(ends):.3f} and {max(ends):.3f} nats" in text
+    allowed = 0.01 * 3 ** 0.5  # an end drift D has RMS D / sqrt(3): 0.01 nats RMS allows 0.017
+    assert all(s["standard_deviation"] > allowed for s in spread[0])
+    assert all(s["standard_deviation"] < allowed for s in spread[1])
+
+
+def test_set_drift_numbers_quoted_in_the_guide_are_the_saved_ones():
+    """docs/llm.md's table-5 bullet quotes the control-set, training- and held-out-population changes that
+    docs/gen_set_drift.py saved, and its claim holds for them: the training population's change minus the
+    held-out population's is never positive, on falling and rising runs alike."""
+    import json
+
+    saved = {r["run"]: r for r in json.loads((ROOT / "docs" / "data" / "fixed_set_drift.json").read_text())}
+    text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
+    change = {run: {k: v["change"] for k, v in r["sets"].items()} for run, r in saved.items()}
+
+    def pair(a, b):
+        return f"{a:.3f} / {b:.3f}"
+
+    for run in ("rel-d128-s1-step10", "rel-d128-s1-step20", "rel-d128-s0", "rel-d128-s1"):
+        assert pair(change[run]["control"], change[run]["training population"]) in text, run
+    rising = change["rel-d128-rising"]
+    assert f"{rising['control']:+.3f} / {rising['training population']:+.3f}" in text
+    for run in ("rel-d128-s1-step10", "rel-d128-s1-step20", "rel-d128-s0", "rel-d128-s1"):
+        assert f"{change[run]['held-out population']:.3f}" in text, run
+    assert f"{rising['held-out population']:+.3f} rising" in text
+    assert f"{change['rel-d128-s1-step20']['probe']:.3f} against" in text
+    gaps = {run: r["training_minus_held_out_population"] for run, r in saved.items()}
+    for a, b in (("rel-cheap", "rel-cheap-s1"), ("rel-d128-s0", "rel-d128-s1")):
+        assert f"{gaps[a]:.3f} / {gaps[b]:.3f}" in text, (a, b)
+    assert f"{gaps['rel-d128-rising']:.3f} on the rising one" in text
+    assert all(g <= 0 for g in gaps.values())
