@@ -89,8 +89,8 @@ class Task:
     def distinct_train_set(self, n: int, rng: random.Random, tries_per_problem: int = 200) -> list[Problem]:
         """``n`` training problems with distinct prompts, in the order ``train_batch`` draws them (a sample
         without replacement: from a pool of ``N`` prompts, a fixed set's mean then deviates from the pool's by
-        ``sqrt((N - n) / (N - 1))`` times as much as with repeats, docs/theory.md §5.6b). Raises :class:`UserError` when
-        ``tries_per_problem * n`` single draws find fewer than ``n`` distinct prompts."""
+        ``sqrt((N - n) / (N - 1))`` times as much as with repeats, docs/theory.md §5.6b). Raises
+        :class:`UserError` when ``tries_per_problem * n`` single draws find fewer than ``n`` distinct prompts."""
         out: list[Problem] = []
         seen: set[str] = set()
         for _ in range(tries_per_problem * max(n, 1)):
