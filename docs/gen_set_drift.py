@@ -107,7 +107,7 @@ def drift_of_run(run: Path, control_draw: str = "distinct") -> dict[str, object]
         out["sets"][k] = {"prompts": len(fixed.problems), "responses_per_prompt": samples, "tokens": int(n.sum()),
                           "before": float(s0.sum() / n.sum()), "after": float(s1.sum() / n.sum()),
                           "change": float((s1 - s0).sum() / n.sum())}
-    # random control sets of k training prompts (with replacement, as llm.train draws them), r responses each
+    # random control sets of k training prompts, r responses each: distinct (as llm.train draws them) and with repeats
     train_fixed = sets["training population"][0]
     (s0, n), (s1, _) = before["training population"], after["training population"]
     gen = torch.Generator().manual_seed(0)

@@ -214,8 +214,8 @@ def test_set_drift_numbers_quoted_in_the_theory_are_the_saved_ones():
         assert quoted in text, quoted
     ends = " / ".join(f"{r['control_minus_held_out_population']:+.3f}" for r in runs)
     assert ends in text, ends
-    ends = [r["training_minus_held_out_population"] for r in saved.values() if "-step" not in r["run"]]
-    assert len(ends) == 5 and max(ends) <= 0 and f"between {min(ends):.3f} and {max(ends):.3f} nats" in text
+    gaps = [r["training_minus_held_out_population"] for r in saved.values() if "-step" not in r["run"]]
+    assert len(gaps) == 5 and max(gaps) <= 0 and f"between {min(gaps):.3f} and {max(gaps):.3f} nats" in text
     allowed = 0.01 * 3 ** 0.5  # an end drift D has RMS D / sqrt(3): 0.01 nats RMS allows 0.017
     assert all(s["standard_deviation"] > allowed for s in spread[0])
     assert all(s["standard_deviation"] < allowed for s in spread[1])
