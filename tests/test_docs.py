@@ -191,6 +191,55 @@ def test_set_drift_enumerates_each_side_of_the_split_and_keeps_the_first_respons
     assert gen["by_prompt"](x, fixed, 2).tolist() == [1010.0, 101.0]
 
 
+def test_set_drift_visits_and_schedule_change_follow_the_trainer():
+    """docs/gen_set_drift.py counts the training batches that drew each problem as llm.train draws them (every
+    draw lands on an enumerated problem, the counts follow the per-step seeds), and a relative schedule's change
+    does not depend on where it is anchored."""
+    import random
+    import runpy
+    from types import SimpleNamespace
+
+    from llm.tasks import ArithmeticTask
+    from llm.train import derive_seed
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_set_drift.py"))
+    task = ArithmeticTask(0, 14)
+    train = gen["every_problem"](task, False)
+    cfg = SimpleNamespace(seed=3, prompts_per_step=8)
+    visits = gen["training_visits"](task, cfg, 5, train)
+    assert sum(visits) == 5 * 8
+    drawn = [p.prompt for step in range(5) for p in task.train_batch(8, random.Random(derive_seed(3, "data", step)))]
+    assert visits == [drawn.count(p.prompt) for p in train]
+    assert visits != gen["training_visits"](task, SimpleNamespace(seed=4, prompts_per_step=8), 5, train)
+    assert abs(gen["schedule_change"]("linear:H0->H0-0.2", 50, 25) + 0.1) < 1e-12
+    assert abs(gen["schedule_change"]("linear:H0->H0+0.15", 30, 30) - 0.15) < 1e-12
+
+
+def test_paired_visit_effect_recovers_a_known_slope():
+    """The paired regression of docs/gen_set_drift.py recovers a planted per-visit effect (within 4 of its own
+    standard errors) under a per-problem effect 30x larger that the pairing cancels, agrees with numpy's
+    least-squares fit, and refuses visit counts that never differ."""
+    import runpy
+
+    import numpy as np
+    import pytest
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_set_drift.py"))
+    rng = np.random.default_rng(0)
+    own = rng.normal(0.0, 0.2, 200)
+    va, vb = rng.poisson(2.2, 200), rng.poisson(2.2, 200)
+    for slope in (-0.006, 0.0):
+        ca = own + slope * va + rng.normal(0.0, 0.01, 200) - 0.02
+        cb = own + slope * vb + rng.normal(0.0, 0.01, 200)
+        fit = gen["paired_visit_effect"](ca.tolist(), cb.tolist(), va.tolist(), vb.tolist())
+        assert abs(fit["per_visit"] - slope) < 4 * fit["standard_error"] < 0.004
+        np_slope, np_intercept = np.polyfit(va - vb, ca - cb, 1)
+        assert fit["per_visit"] == pytest.approx(np_slope, abs=1e-12)
+        assert fit["intercept"] == pytest.approx(np_intercept, abs=1e-12)
+    with pytest.raises(ValueError, match="visit counts differ"):
+        gen["paired_visit_effect"]([0.1, 0.2, 0.3], [0.0, 0.1, 0.1], [1, 2, 3], [0, 1, 2])
+
+
 def test_set_drift_numbers_quoted_in_the_theory_are_the_saved_ones():
     """docs/theory.md §5.6b quotes the control-set sampling spreads and the population gaps that
     docs/gen_set_drift.py saved for the two falling runs of table 4, and the claims it draws hold for them."""
@@ -219,6 +268,100 @@ def test_set_drift_numbers_quoted_in_the_theory_are_the_saved_ones():
     allowed = 0.01 * 3 ** 0.5  # an end drift D has RMS D / sqrt(3): 0.01 nats RMS allows 0.017
     assert all(s["standard_deviation"] > allowed for s in spread[0])
     assert all(s["standard_deviation"] < allowed for s in spread[1])
+
+
+def test_held_out_resolution_numbers_quoted_in_the_theory_are_the_saved_ones():
+    """docs/theory.md §5.6b "What the held-out probe can resolve" quotes what docs/gen_set_drift.py saved: the
+    per-problem change correlations, the paired visit effects, the held-out set's standard errors and the end-of-run
+    error budgets; the claims drawn from them hold (the effect of being trained on is negative and over 2 standard
+    errors from zero, the held-out standard error exceeds the 5% target's end allowance, the budgets add up). The
+    saved cross-run file is what :func:`across_runs` computes from the saved runs, and each set's standard error,
+    scaled to k of the 179 training problems, matches the spread of random k-problem sets drawn from them."""
+    import json
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_set_drift.py"))
+    runs = json.loads((ROOT / "docs" / "data" / "fixed_set_drift.json").read_text())
+    across = json.loads((ROOT / "docs" / "data" / "fixed_set_across_runs.json").read_text())
+    assert gen["across_runs"](runs) == across
+    saved = {r["run"]: r for r in runs}
+    text = " ".join((ROOT / "docs" / "theory.md").read_text().split())
+
+    def span(values):
+        return f"{min(values):.2f}-{max(values):.2f}"
+
+    same, other = [], []
+    for pair in across["pairs"]:
+        a, b = (saved[r] for r in pair["runs"])
+        corr = pair["per_prompt_change_correlation"]
+        if a["updates"] == b["updates"] == 50 and a["seed"] != b["seed"]:
+            same.append(corr)
+        elif {a["schedule"], b["schedule"]} == {"linear:H0->H0-0.2", "linear:H0->H0+0.15"} and \
+                a["updates"] + b["updates"] == 80:
+            other.append(corr)
+    assert len(same) == 4 and len(other) == 4
+    for group in (same, other):
+        for key in ("training population", "held-out population"):
+            assert span([c[key] for c in group]) in text, (key, span([c[key] for c in group]))
+    effects = {tuple(e["runs"]): e for e in across["visit_effects"]}
+    for pair in (("rel-cheap", "rel-cheap-s1"), ("rel-d128-s0", "rel-d128-s1")):
+        e = effects[pair]
+        assert f"{e['per_visit']:.4f} ± {e['standard_error']:.4f}" in text, pair
+        assert e["per_visit"] < -2 * e["standard_error"]
+        assert f"{e['mean_visits'][0]:.2f} batches per problem" in text
+    ends = sorted(-effects[p]["per_visit"] * effects[p]["mean_visits"][0]
+                  for p in (("rel-cheap", "rel-cheap-s1"), ("rel-d128-s0", "rel-d128-s1")))
+    assert f"about {ends[0]:.3f}-{ends[1]:.3f} nats below" in text
+    se = {run: r["sets"]["held-out population"]["change_standard_error"] for run, r in saved.items()}
+    assert f"{se['rel-d128-s1-step10']:.3f}, {se['rel-d128-s1-step20']:.3f} and {se['rel-d128-s1']:.3f} nats" in text
+    falling = [se[r] for r in ("rel-cheap", "rel-cheap-s1", "rel-d128-s0", "rel-d128-s1")]
+    assert f"({min(falling):.3f}-{max(falling):.3f} at the end of each falling run, {se['rel-d128-rising']:.3f}" in text
+    allow_falling, allow_rising = 0.05 * 0.2 * 3 ** 0.5, 0.05 * 0.15 * 3 ** 0.5  # RMS of a linear drift D is D/sqrt(3)
+    assert f"{allow_falling:.3f} nats at the end" in text and f"{allow_rising:.3f} on the 0.15-nat" in text
+    assert min(falling) > allow_falling and se["rel-d128-rising"] > allow_rising
+    assert all(0.5 < allow / s < 0.7 for allow, s in [(allow_falling, f) for f in falling]
+               + [(allow_rising, se["rel-d128-rising"])])  # "within about 0.6 standard errors"
+    spread = [s * 46 ** 0.5 for s in falling]
+    assert all(abs(x - 0.18) < 0.01 for x in spread)  # "about 0.18 nats"
+    needed = [46 * (s / (allow_falling / 2)) ** 2 for s in falling]
+    assert all(400 < n < 500 for n in needed)  # "about 450 problems"
+    for run, label in (("rel-d128-s0", "seed 0"), ("rel-d128-s1", "seed 1"), ("rel-d128-rising", "rising")):
+        budget = saved[run]["end_error_budget"]
+        terms = [budget[k] for k in ("control minus schedule", "training population minus control",
+                                     "held-out population minus training population",
+                                     "probe minus held-out population")]
+        assert abs(sum(terms) - budget["probe minus schedule"]) < 1e-12
+        quoted = f"{', '.join(f'{t:+.3f}' for t in terms)} ({budget['probe minus schedule']:+.3f}, {label})"
+        assert quoted in text, quoted
+    for r in runs:  # the ratio estimator's standard error against the Monte Carlo spread of random distinct sets
+        pop = r["sets"]["training population"]
+        scaled = pop["change_standard_error"] * ((pop["prompts"] - 64) / 64) ** 0.5
+        assert abs(scaled / r["random_control_sets"]["64 x 4"]["standard_deviation"] - 1) < 0.1, r["run"]
+
+
+def test_held_out_resolution_numbers_quoted_in_the_guide_and_readme_are_the_saved_ones():
+    """docs/llm.md's "out of reach" bullet and the README quote the saved visit effects, the held-out standard
+    errors and table 5's end-of-run errors with the controller's own part of them."""
+    import json
+
+    runs = {r["run"]: r for r in json.loads((ROOT / "docs" / "data" / "fixed_set_drift.json").read_text())}
+    across = json.loads((ROOT / "docs" / "data" / "fixed_set_across_runs.json").read_text())
+    guide = " ".join((ROOT / "docs" / "llm.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    effects = {tuple(e["runs"]): e for e in across["visit_effects"]}
+    pairs = (("rel-cheap", "rel-cheap-s1"), ("rel-d128-s0", "rel-d128-s1"))
+    quoted = " and ".join(f"{effects[p]['per_visit']:.4f} ± {effects[p]['standard_error']:.4f}" for p in pairs)
+    assert quoted in guide, quoted
+    rounded = sorted(f"{effects[p]['per_visit']:.3f}" for p in pairs)
+    assert f"({rounded[1]} to {rounded[0]} nats per training batch" in readme
+    se = runs["rel-d128-s1"]["sets"]["held-out population"]["change_standard_error"]
+    assert f"standard error of {se:.3f} nats at the end of a falling run" in guide
+    assert f"({runs['rel-d128-rising']['sets']['held-out population']['change_standard_error']:.3f} rising)" in guide
+    assert f"about {se:.3f} nats at the end of a falling run" in readme
+    table5 = ("rel-d128-s0", "rel-d128-s1", "rel-d128-rising")
+    ends = ", ".join(f"{runs[r]['end_error_budget']['probe minus schedule']:+.3f}" for r in table5)
+    misses = ", ".join(f"{runs[r]['end_error_budget']['control minus schedule']:+.3f}" for r in table5)
+    assert f"({ends} nats), the controller's own miss on its set is {misses}" in guide, (ends, misses)
 
 
 def test_set_drift_numbers_quoted_in_the_guide_are_the_saved_ones():
