@@ -122,7 +122,8 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
                                                               if "correlation_exact" in s else "-",
         "calibration factor k / lr at the end": f"{k[-1]:.3g}" if k else "-",
         "mean accepted fraction of samples": f"{_mean([r['accepted_fraction'] for r in train]):.2f}",
-        "held-out pass@1, first -> last evaluation": f"{f(evals[0]['pass_at_1'])} -> {f(evals[-1]['pass_at_1'])}",
+        "held-out pass@1, first -> last evaluation": "-" if len(evals) < 2 else  # one evaluation: no "last"
+            f"{f(evals[0]['pass_at_1'])} -> {f(evals[-1]['pass_at_1'])}",
         "predictor time, % of the step": f"{100 * sum(predictor) / sum(step_time):.0f}%" if param else "-",
         "seconds per step": f"{_mean(step_time):.1f}",
     }
@@ -175,10 +176,13 @@ def figure(argv: list[str], out: Path) -> Path:
                 ax.plot([r["step"] for r in train], [r["entropy_estimate"] for r in train], ":", color=color,
                         lw=1.2, label=f"{label}: state estimate")
         if is_relative_spec(spec):  # anchored at the control set (the controller's) and at the probe's start
-            first_run = next(run_rows for _, s, run_rows in runs if s == spec)
-            starts = {"control set": next(r["schedule_anchor"] for r in first_run if "schedule_anchor" in r),
-                      "held-out probe": next(r["probe_entropy"] for r in first_run if "probe_entropy" in r)}
+            # of the first run of the panel that has each (a vanilla run has no control set)
+            panel = [run_rows for _, s, run_rows in runs if s == spec]
+            starts = {what: next((r[key] for rows in panel for r in rows if key in r), None)
+                      for what, key in (("control set", "schedule_anchor"), ("held-out probe", "probe_entropy"))}
             for (what, h0), style in zip(starts.items(), ("k--", "k:")):
+                if h0 is None:
+                    continue
                 sched = parse_schedule(anchor_schedule_spec(spec, h0), steps)
                 ax.plot(range(steps + 1), [sched(t) for t in range(steps + 1)], style, lw=1.3,
                         label=f"schedule {spec}, H0 of the {what}")
