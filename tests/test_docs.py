@@ -117,7 +117,10 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     whole run on both schedules, where vanilla is not."""
     import runpy
 
+    from llm.tasks import ArithmeticTask
+
     gen = runpy.run_path(str(ROOT / "docs" / "gen_control_table.py"))
+    gen_drift = runpy.run_path(str(ROOT / "docs" / "gen_set_drift.py"))
     text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
     scores = {}
     for arg in BIG_TASK_RUNS:
@@ -134,6 +137,11 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     assert f"the control set {ours[0][1]:.1f}% / {ours[1][1]:.1f}%" in text
     assert f"vanilla {vanilla[0]:.1f}% / {vanilla[1]:.1f}%" in text
     assert all(o[0] < 5 for o in ours) and all(v > 5 for v in vanilla)
+    held, train = (len(gen_drift["every_problem"](ArithmeticTask(0, 49), side)) for side in (True, False))
+    assert f"2,500 problems, {held} held out and {train:,} to train on" in text
+    falling_rows = gen["_rows"](str(ROOT / "docs" / "data" / "llm_control_big_falling_metrics.jsonl"))
+    start = next(r["pass_at_1"] for r in falling_rows if "pass_at_1" in r)
+    assert f"held-out pass@1 {start:.2f} at the start" in text
     both = f"tracks within {ours[0][0]:.1f}% falling and {ours[1][0]:.1f}% rising"
     for doc in ("README.md", "docs/theory.md"):
         assert both in " ".join((ROOT / doc).read_text().split()), doc
@@ -345,7 +353,7 @@ def test_held_out_resolution_numbers_quoted_in_the_theory_are_the_saved_ones():
         e = effects[pair]
         assert f"{e['per_visit']:.4f} ± {e['standard_error']:.4f}" in text, pair
         assert e["per_visit"] < -2 * e["standard_error"]
-        assert f"{e['mean_visits'][0]:.2f} batches per problem" in text
+        assert f"{e['mean_visits'][0]:.2f} draws per problem" in text
     ends = sorted(-effects[p]["per_visit"] * effects[p]["mean_visits"][0]
                   for p in (("rel-cheap", "rel-cheap-s1"), ("rel-d128-s0", "rel-d128-s1")))
     assert f"about {ends[0]:.3f}-{ends[1]:.3f} nats below" in text
@@ -390,7 +398,7 @@ def test_held_out_resolution_numbers_quoted_in_the_guide_and_readme_are_the_save
     quoted = " and ".join(f"{effects[p]['per_visit']:.4f} ± {effects[p]['standard_error']:.4f}" for p in pairs)
     assert quoted in guide, quoted
     rounded = sorted(f"{effects[p]['per_visit']:.3f}" for p in pairs)
-    assert f"({rounded[1]} to {rounded[0]} nats per training batch" in readme
+    assert f"({rounded[1]} to {rounded[0]} nats each time a training batch drew a problem" in readme
     se = runs["rel-d128-s1"]["sets"]["held-out population"]["change_standard_error"]
     assert f"standard error of {se:.3f} nats at the end of a falling run" in guide
     assert f"({runs['rel-d128-rising']['sets']['held-out population']['change_standard_error']:.3f} rising)" in guide
