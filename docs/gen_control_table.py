@@ -59,9 +59,11 @@ def truncate(rows: list[dict], steps: int) -> list[dict]:
     return head + [final]
 
 
-def tracking(rows: list[dict], spec: str, key: str = "probe_entropy", first: int = 1) -> dict[str, float]:
-    """Errors of ``key`` against ``spec`` over the steps ``t >= first`` where it was measured (see module doc)."""
-    steps = max(int(r["step"]) for r in rows)
+def tracking(rows: list[dict], spec: str, key: str = "probe_entropy", first: int = 1,
+             steps: int | None = None) -> dict[str, float]:
+    """Errors of ``key`` against ``spec`` over the steps ``t >= first`` where it was measured (see module doc);
+    ``steps`` is the schedule's horizon, by default the last step of ``rows``."""
+    steps = max(int(r["step"]) for r in rows) if steps is None else steps
     if is_relative_spec(spec):  # each series against its own start plus the schedule's change
         start = [float(r[key]) for r in rows if int(r["step"]) == 0 and isinstance(r.get(key), (int, float))]
         if not start:
@@ -90,9 +92,11 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
     train = [r for r in rows if "entropy" in r and not r.get("final")]
     evals = [r for r in rows if "pass_at_1" in r]
     probe, batch = tracking(rows, spec), _batch_error(rows, spec)
-    control = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy")
+    horizon = max(int(r["step"]) for r in rows)  # the run's, also for the control set (read before each update)
+    control = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", steps=horizon)
     late = tracking(rows, spec, first=SETTLED)
-    control_late = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", first=SETTLED)
+    control_late = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", first=SETTLED,
+                            steps=horizon)
     param = any("predicted_entropy_change_logit" in r for r in train)
     logit = s.get("correlation_logit" if param else "correlation", math.nan)
     predictor = [r.get("time_predictor", 0.0) for r in train]

@@ -126,8 +126,9 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     for arg in BIG_TASK_RUNS:
         label, spec, rows = gen["_run"](arg.format(data=ROOT / "docs" / "data"))
         trained = [r for r in rows if not r.get("final")]  # as the table scores them (gen_control_table.column)
+        horizon = max(int(r["step"]) for r in rows)
         scores[label, spec] = (gen["tracking"](rows, spec)["rms"],
-                               gen["tracking"](trained, spec, key="control_entropy")["rms"])
+                               gen["tracking"](trained, spec, key="control_entropy", steps=horizon)["rms"])
     falling, rising = "linear:H0->H0-0.2", "linear:H0->H0+0.15"
     ours = [scores["400 distinct, relative", s] for s in (falling, rising)]
     vanilla = [scores["vanilla", s][0] for s in (falling, rising)]
@@ -164,6 +165,13 @@ def test_tracking_error_of_a_run_on_its_schedule_is_zero():
     assert shifted["std"] == pytest.approx(0.0, abs=1e-6)
     cut = gen["truncate"]([{"step": t, "entropy": 1.0, "probe_entropy": 0.5} for t in range(6)], 4)
     assert [r["step"] for r in cut] == [0, 1, 2, 3, 4] and cut[-1] == {"step": 4, "final": True, "probe_entropy": 0.5}
+
+    # the control set is read before each update, so the run's last line has none: it is scored against the
+    # run's horizon (10 steps; gen_control_table.column passes it), not a schedule squeezed into 9 steps
+    trained = [{"step": t, "control_entropy": sched(t)} for t in range(10)]
+    on_horizon = gen["tracking"](trained, "linear:0.9->0.7", key="control_entropy", steps=10)
+    assert on_horizon["rms"] == pytest.approx(0.0, abs=1e-9)
+    assert gen["tracking"](trained, "linear:0.9->0.7", key="control_entropy")["rms"] > 1.0
 
 
 @pytest.mark.parametrize(("saved_table", "min_rows"),
