@@ -93,10 +93,10 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
     evals = [r for r in rows if "pass_at_1" in r]
     probe, batch = tracking(rows, spec), _batch_error(rows, spec)
     horizon = max(int(r["step"]) for r in rows)  # the run's, also for the control set (read before each update)
-    control = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", steps=horizon)
+    trained = [r for r in rows if not r.get("final")]
+    control = tracking(trained, spec, key="control_entropy", steps=horizon)
     late = tracking(rows, spec, first=SETTLED)
-    control_late = tracking([r for r in rows if not r.get("final")], spec, key="control_entropy", first=SETTLED,
-                            steps=horizon)
+    control_late = tracking(trained, spec, key="control_entropy", first=SETTLED, steps=horizon)
     param = any("predicted_entropy_change_logit" in r for r in train)
     logit = s.get("correlation_logit" if param else "correlation", math.nan)
     predictor = [r.get("time_predictor", 0.0) for r in train]

@@ -185,9 +185,7 @@ def drift_of_run(run: Path, control_draw: str = "distinct") -> dict[str, object]
 
 
 def _correlation(x: list[float], y: list[float]) -> float:
-    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
+    return float(torch.corrcoef(torch.tensor([x, y], dtype=torch.float64))[0, 1])
 
 
 def paired_visit_effect(change_a: list[float], change_b: list[float], visits_a: list[int],
