@@ -1,7 +1,7 @@
 """Cost of ``llm.train --predictor param`` (docs/theory.md §5.5) as a share of its training step.
 
-Four trainers of the same configuration, side by side in one process, steps interleaved (unfused, param, control,
-logit, unfused, ...; two warm-up steps each, then the timed ones):
+Five trainers of the same configuration, side by side in one process, steps interleaved (unfused, param, control,
+reckoning, logit, unfused, ...; two warm-up steps each, then the timed ones):
 
 * ``--predictor param --no-fused-update --param-derivative fd`` (``unfused``): the parameter-space contributions
   before the update, as a separate phase: a forward and a backward for ``grad Hbar``, a second backward for
@@ -13,6 +13,8 @@ logit, unfused, ...; two warm-up steps each, then the timed ones):
 * the same with ``--control-prompts 32 --control-gradient-every 4`` (``control``): the gradient of a fixed
   control set's entropy, taken every 4 steps (its forward and backward), and the set's entropy measured after
   each update (a no-grad forward);
+* the same with ``--control-reckoning`` (``reckoning``): the control set is evaluated only at the gradient
+  refreshes; after the other updates its entropy is advanced by the step's first-order change;
 * ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics.
 
 Configuration: the ``cpu-demo`` preset (the embedded SmolLM2-135M in float32, 8 prompts x 8 samples, at most 4
@@ -46,8 +48,9 @@ def make_trainer(predictor: str, out_dir):
     from llm.train import Trainer
 
     options = dict(PRESETS["smoke" if SMOKE else "cpu-demo"])
-    if predictor == "control":
-        options.update(control_prompts=4 if SMOKE else 32, control_gradient_every=CONTROL_GRADIENT_EVERY)
+    if predictor in ("control", "reckoning"):
+        options.update(control_reckoning=predictor == "reckoning",
+                       control_prompts=4 if SMOKE else 32, control_gradient_every=CONTROL_GRADIENT_EVERY)
     if predictor == "unfused":
         options.update(fused_update=False, param_derivative="fd")
     elif predictor != "logit":
@@ -61,7 +64,7 @@ def make_trainer(predictor: str, out_dir):
 
 def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     threads = torch.get_num_threads()
-    trainers = {name: make_trainer(name, tmp_path / name) for name in ("unfused", "param", "control", "logit")}
+    trainers = {name: make_trainer(name, tmp_path / name) for name in ("unfused", "param", "control", "reckoning", "logit")}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
 
     def run() -> None:
@@ -75,12 +78,14 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     step = {name: statistics.mean(r["time_step"] for r in rs) for name, rs in rows.items()}
     predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name])
-                 for name in ("unfused", "param", "control")}
+                 for name in ("unfused", "param", "control", "reckoning")}
     size = "cpu-demo (SmolLM2-135M fp32, 8x8 samples, <= 4 tokens)" if not SMOKE else "smoke model"
     for name, label in (("unfused", "llm.train --predictor param --no-fused-update (central difference)"),
                         ("param", "llm.train --predictor param (fused update, one-sided difference)"),
                         ("control", "llm.train --predictor param --control-prompts (fused, one-sided, gradient "
-                                    f"every {CONTROL_GRADIENT_EVERY} steps)")):
+                                    f"every {CONTROL_GRADIENT_EVERY} steps)"),
+                        ("reckoning", "llm.train --predictor param --control-prompts --control-reckoning (fused, "
+                                      f"one-sided, gradient every {CONTROL_GRADIENT_EVERY} steps)")):
         record_ratio(f"{label}: predictor / its step", predictor[name] / step[name],
                      "time of the predictor phase / the whole step (means)", size)
         record_ratio(f"{label}: extra over the logit step / its step", (step[name] - step["logit"]) / step[name],
@@ -90,5 +95,6 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     benchmark.extra_info.update(step_s=step, predictor_s=predictor)
     print(f"\nsteps (s): {step}; predictor phases (s): {predictor}")
     assert all(r.get("predicted_entropy_change") is not None for r in rows["param"])
-    assert all("control_entropy" in r for r in rows["control"])
+    assert all("control_entropy" in r for r in rows["control"] + rows["reckoning"])
+    assert all("reckoned_entropy_change" in r for r in rows["reckoning"] if not r.get("skipped"))
     assert all(0 < predictor[n] < step[n] for n in predictor)

@@ -89,7 +89,11 @@ class TrainConfig:
     control_samples: int = _opt(2, "responses per prompt of the control set")
     control_gradient_every: int = _opt(
         1, "take the control set's entropy gradient every N steps and reuse it in between (its entropy is still "
-        "measured after every update)")
+        "measured after every update, unless --control-reckoning)")
+    control_reckoning: bool = _opt(
+        False, "between the control set's gradient refreshes, advance its entropy after each update by the "
+        "first-order change of the step taken, <grad Hbar, dtheta>, instead of measuring it (a forward of the set "
+        "per step saved); the refresh measures it and logs control_reckoning_error")
     momentum_projection: bool = _opt(
         False, "param predictor: aim the entropy the optimiser's momentum will carry the policy to (now and in the "
         "coming steps) at the schedule that many steps ahead, instead of the next step's entropy at the next "
@@ -205,6 +209,9 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"--control-gradient-every {cfg.control_gradient_every} reuses the control set's gradient "
                         f"with its entropy measured after each update: it needs --control-prompts and "
                         f"--measure-entropy-change")
+    if cfg.control_reckoning and not (cfg.control_prompts and cfg.measure_entropy_change):
+        raise UserError("--control-reckoning advances the control set's entropy by each update's first-order "
+                        "change: it needs --control-prompts and --measure-entropy-change")
     if cfg.momentum_projection and (cfg.predictor != "param" or cfg.method != "entrocraft-predictive"):
         raise UserError(f"--momentum-projection projects the parameter-space prediction for the predictive "
                         f"sampler: it needs --predictor param and --method entrocraft-predictive (got "

@@ -309,7 +309,9 @@ class ParamDirection:
     the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), the
     entropy gradient (reused for the exact first-order term after the update), ``clip_factor``, the
     expected scale of the coming gradient by gradient clipping (included in ``directional``), and with a
-    control set ``control_entropy``, its entropy before the update (``Hbar`` is then the control set's).
+    control set ``control_entropy``, its entropy before the update (``Hbar`` is then the control set's), and
+    with ``--control-reckoning`` at a refresh ``control_reckoning_error``, the measured entropy minus the value
+    reckoned since the last measurement.
     With ``--fused-update``: ``whole_gradient``, the loss gradient with every sample accepted (this rank's
     rows, summed over ranks), and ``before``, the pre-update policy on the batch, both from the predictor's
     forward, which the update reuses; ``update_seconds``, the time of that forward and backward, the update's
@@ -320,6 +322,7 @@ class ParamDirection:
     first_order: FirstOrder
     clip_factor: float = 1.0
     control_entropy: float | None = None
+    control_reckoning_error: float | None = None
     whole_gradient: list[torch.Tensor] | None = None
     before: _Before | None = None
     update_seconds: float = 0.0
@@ -531,6 +534,7 @@ class Trainer:
         # control_gradient_every steps); None: take them afresh
         self.control_value: float | None = None
         self.control_gradient: list[torch.Tensor] | None = None
+        self.control_reckoned = False  # control_value was advanced by first-order changes (--control-reckoning)
         self.nan_streak = 0
         self.eval_problems = self.task.eval_set(cfg.eval_prompts) if cfg.eval_prompts else []
         probe = self.task.eval_set(cfg.probe_prompts) if cfg.probe_every and cfg.probe_prompts else []
@@ -687,11 +691,12 @@ class Trainer:
             self.nan_streak = 0 if updated.finite else self.nan_streak + 1
         measured = None
         if updated is not None and updated.finite and self.cfg.measure_entropy_change:
-            measured = clock.time("measure", self._measure, batch, updated.before)
+            measured = clock.time("measure", self._measure, batch, updated)
         elif updated is not None:
             self.control_value = None  # the weights may have moved unmeasured: the next step measures the control set
         row = self._metrics(step, batch, planned, updated, measured)
-        self._advance_estimate(float(row.get("measured_entropy_change", row["predicted_entropy_change"])))
+        self._advance_estimate(float(row.get("measured_entropy_change",
+                                            row.get("reckoned_entropy_change", row["predicted_entropy_change"]))))
         return clock.stamp(row, self.cfg.prompts_per_step * self.cfg.samples_per_prompt)
 
     # ---------------------------------------------------------- 1. sample
@@ -810,20 +815,23 @@ class Trainer:
         return (cfg.fused_update and cfg.predictor == "param" and not self.dist.enabled and cfg.ppo_epochs == 1
                 and cfg.mini_batches == 1 and self.ref_model is None and not self.method.needs_token_entropy)
 
-    def _control_direction(self, first_order: FirstOrder, step: int) -> float:
+    def _control_direction(self, first_order: FirstOrder, step: int) -> tuple[float, float | None]:
         """The control set's entropy before this step's update and its gradient (into ``first_order``): a
         forward and backward of the set every ``control_gradient_every`` steps (and whenever the value or the
         gradient is unknown, e.g. after a resume); in between the gradient last taken and the entropy measured
-        after the last update (docs/theory.md §5.6c)."""
+        after the last update, or with ``--control-reckoning`` reckoned (docs/theory.md §5.6c). Returns the
+        entropy and, at a refresh that follows reckoned steps, the measured entropy minus the reckoned one."""
         every = self.cfg.control_gradient_every
         if self.control_gradient is None or self.control_value is None or step % every == 0:
+            reckoned = self.control_value if self.control_reckoned else None
             self.control_value = self.fixed_set_entropy(self.control_set, first_order)
+            self.control_reckoned = False
             first_order.reduce(self.dist)
             self.control_gradient = first_order.grad if every > 1 else None
-            return self.control_value
+            return self.control_value, None if reckoned is None else self.control_value - reckoned
         first_order.grad = self.control_gradient
         first_order.ready = True
-        return self.control_value
+        return self.control_value, None
 
     def _param_directional(self, batch: Batch, step: int) -> ParamDirection:
         """Parameter-space per-token contributions before the update (docs/theory.md §5).
@@ -865,9 +873,9 @@ class Trainer:
         chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
         centre = []
         self.model.eval()
-        control = None
+        control, reckoning_error = None, None
         if self.control_set is not None:  # the controlled entropy is the control set's: its value and gradient
-            control = self._control_direction(first_order, step)
+            control, reckoning_error = self._control_direction(first_order, step)
         t_update = 0.0
         for rows in chunks:
             t0 = self._clock()
@@ -914,7 +922,8 @@ class Trainer:
                 h if method != "jvp" else None, base=z if method == "forward" else None)
             tokens = batch.roll.tokens[rows]
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
-        return ParamDirection(d.gather_rows(s), drift, first_order, clip, control, whole, before, t_update)
+        return ParamDirection(d.gather_rows(s), drift, first_order, clip, control, reckoning_error, whole, before,
+                              t_update)
 
     def _expected_clip_factor(self, reference: list[torch.Tensor]) -> float:
         """``min(1, grad_clip / ||g0||)`` for the expected gradient ``g0`` of the selection: the factor by which
@@ -1017,7 +1026,10 @@ class Trainer:
         updated by it (and the estimate's metrics), with ``--control-prompts`` the control set's entropy before
         the update (measured by the predictor)."""
         if batch.param is not None and batch.param.control_entropy is not None:
-            return batch.param.control_entropy, {"control_entropy": batch.param.control_entropy}
+            extra = {"control_entropy": batch.param.control_entropy}
+            if batch.param.control_reckoning_error is not None:
+                extra["control_reckoning_error"] = batch.param.control_reckoning_error
+            return batch.param.control_entropy, extra
         if self.estimate is None:
             return entropy, {}
         mask = batch.mask
@@ -1199,10 +1211,14 @@ class Trainer:
 
     # ---------------------------------------------------------- 4. measure
     @torch.no_grad()
-    def _measure(self, batch: Batch, before: _Before) -> dict[str, float]:
+    def _measure(self, batch: Batch, updated: _Updated) -> dict[str, float]:
         """Theory against practice: the entropy of the updated policy on the same contexts, and the KL of the
         old to the new policy there; the change is fed back to the method. With a control set the measured
-        change is the control set's (the entropy controlled and predicted), the batch's is logged beside it."""
+        change is the control set's (the entropy controlled and predicted), the batch's is logged beside it.
+        With ``--control-reckoning`` the control set is not measured: its entropy is advanced by the step's
+        first-order change ``<grad Hbar, dtheta>`` (``reckoned_entropy_change``), which is fed back instead,
+        until the next gradient refresh measures it (docs/theory.md §5.6c)."""
+        before = updated.before
         local_mask = batch.local_mask
         B, T = local_mask.shape
         h_after = torch.zeros(B, T, device=self.device)
@@ -1217,12 +1233,18 @@ class Trainer:
         kl_old_new = self._global_mean(torch.exp(log_ratio) - 1.0 - log_ratio, local_mask)
         out = {"kl_old_new": kl_old_new}
         control = batch.param.control_entropy if batch.param is not None else None
+        drift = batch.param.drift if batch.param is not None else 0.0
         if control is not None:
             out["measured_batch_entropy_change"] = measured
+            if self.cfg.control_reckoning:
+                change = updated.metrics["exact_predicted_entropy_change"]
+                self.control_value, self.control_reckoned = control + change, True
+                self.method.observe(change - drift)
+                return {**out, "reckoned_entropy_change": change}
             self.control_value = self.fixed_set_entropy(self.control_set)
             measured = self.control_value - control
         # the sampler is calibrated on the sample-dependent part: the known drift is taken off (see _plan)
-        self.method.observe(measured - (batch.param.drift if batch.param is not None else 0.0))
+        self.method.observe(measured - drift)
         return {**out, "measured_entropy_change": measured}
 
     def _advance_estimate(self, change: float) -> None:
@@ -1272,7 +1294,9 @@ class Trainer:
         elif measured is not None:
             row.update(measured)
             pred = planned.predicted
-            row["measured_over_predicted"] = measured["measured_entropy_change"] / pred if pred != 0 else float("nan")
+            if "measured_entropy_change" in measured:
+                row["measured_over_predicted"] = (measured["measured_entropy_change"] / pred if pred != 0
+                                                  else float("nan"))
         return row
 
     def _scheduler_step(self) -> None:
@@ -1340,6 +1364,7 @@ class Trainer:
         from safetensors.torch import load_file, load_model
 
         self.control_value = self.control_gradient = None
+        self.control_reckoned = False
 
         try:
             if self.sharded:

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from llm.config import PRESETS, TrainConfig  # noqa: E402
+from llm.errors import UserError  # noqa: E402
 from llm.models import make_smoke_model, make_smoke_tokenizer  # noqa: E402
 from llm.rollout import encode_prompts, generate, response_log_probs, response_logits  # noqa: E402
 from llm.train import Trainer  # noqa: E402
@@ -253,6 +254,57 @@ def test_control_gradient_reused_between_refreshes(tmp_path, monkeypatch):
     assert len(trained) >= 2
     for r in trained:
         assert r["predicted_entropy_change"] == pytest.approx(r["exact_predicted_entropy_change"], rel=1e-5)
+
+
+def test_control_reckoning_measures_the_set_only_at_refreshes(tmp_path, monkeypatch):
+    """--control-reckoning with the gradient every 3 steps: the control set is evaluated only at the refreshes
+    (steps 0 and 3, with its gradient); in between its entropy is the last one plus each step's
+    <grad H_C, dtheta>. Against a run that measures the set after every update (vanilla, so the two train the
+    same weights): the refresh measures the same entropy, and the logged reckoning error equals the sum of the
+    measuring run's (measured - first-order) changes over the period."""
+    original = Trainer.fixed_set_entropy
+    calls = []
+
+    def spy(self, fixed, first_order=None):
+        if fixed is self.control_set:
+            calls.append((self.cfg.control_reckoning, first_order is not None))
+        return original(self, fixed, first_order)
+
+    monkeypatch.setattr(Trainer, "fixed_set_entropy", spy)
+    base = {**PRESETS["smoke"], "optimizer": "sgd", "lr": 0.05, "grad_clip": 0.0, "eval_prompts": 0,
+            "predictor": "param", "control_prompts": 3, "control_gradient_every": 3, "param_derivative": "jvp",
+            "seed": 2}  # seed 2: every one of the 4 batches has a signal (an update at every step)
+    runs = {}
+    for reckon in (True, False):
+        trainer = Trainer(TrainConfig(**{**base, "control_reckoning": reckon}), Path(tmp_path) / str(reckon))
+        rows = []
+        for t in range(4):
+            before = len([c for c in calls if c[0] == reckon])
+            rows.append(trainer.train_step(t))
+            made = [c[1] for c in calls if c[0] == reckon][before:]
+            if reckon:  # only the refresh's forward and backward, none after an update
+                assert made == ([True] if t % 3 == 0 else []), (t, made)
+            else:
+                assert made == ([True, False] if t % 3 == 0 else [False]), (t, made)
+        runs[reckon] = rows
+    reckoned, measured = runs[True], runs[False]
+    assert not any(r.get("skipped") for r in reckoned + measured)
+    for r, m in zip(reckoned, measured):  # the same weights: the batches and first-order changes agree
+        assert r["entropy"] == pytest.approx(m["entropy"], abs=1e-6)
+        assert r["reckoned_entropy_change"] == pytest.approx(m["exact_predicted_entropy_change"], rel=1e-6, abs=1e-9)
+        assert "measured_entropy_change" not in r and "measured_batch_entropy_change" in r
+    for a, b in zip(reckoned[:2], reckoned[1:3]):  # chained by the first-order changes, exactly
+        assert b["control_entropy"] == a["control_entropy"] + a["reckoned_entropy_change"]
+    assert reckoned[3]["control_entropy"] == pytest.approx(measured[3]["control_entropy"], abs=1e-6)
+    missed = sum(m["measured_entropy_change"] - m["exact_predicted_entropy_change"] for m in measured[:3])
+    assert abs(missed) > 1e-6  # the first-order changes do miss something, which the refresh finds
+    assert reckoned[3]["control_reckoning_error"] == pytest.approx(missed, rel=1e-3, abs=1e-7)
+    assert all("control_reckoning_error" not in r for r in reckoned[:3] + measured)
+
+
+def test_control_reckoning_needs_a_control_set():
+    with pytest.raises(UserError, match="--control-reckoning"):
+        TrainConfig(**{**PRESETS["smoke"], "predictor": "param", "control_reckoning": True})
 
 
 def test_adam_warm_start_fills_the_second_moment_only(tmp_path):
