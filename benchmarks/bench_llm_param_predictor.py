@@ -64,7 +64,8 @@ def make_trainer(predictor: str, out_dir):
 
 def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     threads = torch.get_num_threads()
-    trainers = {name: make_trainer(name, tmp_path / name) for name in ("unfused", "param", "control", "reckoning", "logit")}
+    names = ("unfused", "param", "control", "reckoning", "logit")
+    trainers = {name: make_trainer(name, tmp_path / name) for name in names}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
 
     def run() -> None:

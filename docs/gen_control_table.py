@@ -20,6 +20,9 @@ row scores the steps ``t >= 10`` alone, after AdamW's first steps, whose size th
 (docs/llm.md). A run without a schedule (vanilla) is scored against the schedule named for it. The "held-out minus
 control-set" row is the difference of the two fixed sets' entropies at the same weights (both read before update
 ``t``) at the first and the last probe: the level offset that the controller cannot see, and how it drifts.
+With ``--control-reckoning`` the control set's entropy between gradient refreshes is reckoned, not measured
+(docs/theory.md eq. 5.6c): the "measured minus reckoned" row is what the refreshes found
+(``control_reckoning_error``), and such a run has no measured change of the set to score its prediction on.
 
 A relative schedule (``H0`` in its spec, docs/theory.md §4.1) asks every set to move by the schedule's change
 from where it starts, so each series is scored against its own step-0 value plus that change:
@@ -104,6 +107,7 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
     k = [r["calibration_factor"] for r in train if "calibration_factor" in r]
     both = [float(r["probe_entropy"]) - float(r["control_entropy"]) for r in train
             if "probe_entropy" in r and "control_entropy" in r]  # the same weights: both read before update t
+    reckoning = [float(r["control_reckoning_error"]) for r in train if "control_reckoning_error" in r]
     f = "{:.3f}".format
     return {
         "held-out (probe) entropy vs schedule: RMS / mean |error|, % of range": f"{probe['rms']:.1f}% / "
@@ -120,10 +124,13 @@ def column(rows: list[dict], spec: str) -> dict[str, str]:
         "probe entropy, first -> last": f"{f(next(r['probe_entropy'] for r in rows if 'probe_entropy' in r))} -> "
                                         f"{f(rows[-1].get('probe_entropy', math.nan))}",
         "the predictor's prediction vs measured change: correlation / slope":
-            f"{s.get('correlation', math.nan):.2f} / {s.get('slope', math.nan):.3g}",
+            f"{s['correlation']:.2f} / {s['slope']:.3g}" if "correlation" in s else "-",
         "per-position (logit) prediction vs measured: correlation": f"{logit:.2f}",
         "exact <dH/dtheta, dtheta> vs measured: correlation": f"{s['correlation_exact']:.4f}"
                                                               if "correlation_exact" in s else "-",
+        "control set, measured minus reckoned entropy at the refreshes: RMS / largest (nats)":
+            f"{math.sqrt(_mean([e * e for e in reckoning])):.4f} / {max(reckoning, key=abs):+.4f}" if reckoning
+            else "-",
         "calibration factor k / lr at the end": f"{k[-1]:.3g}" if k else "-",
         "mean accepted fraction of samples": f"{_mean([r['accepted_fraction'] for r in train]):.2f}",
         "held-out pass@1, first -> last evaluation": "-" if len(evals) < 2 else  # one evaluation: no "last"

@@ -62,7 +62,10 @@ DIFFERENCES = {"measured_entropy_change": 2e-6, "kl_old_new": 2e-6,
                # parameter-space predictions are inner products of float32 gradients whose terms cancel, and
                # torchrun's workers run one thread where the single process runs two (another summation order):
                # a few ulp (float32) of their largest term, the ~0.2-nat drift
-               "predicted_entropy_change": 2e-6, "predicted_drift": 2e-6}
+               "predicted_entropy_change": 2e-6, "predicted_drift": 2e-6,
+               # the same inner product after the step, and a measured entropy minus its sum (differences of ~2-nat
+               # entropies, compared to their rounding)
+               "reckoned_entropy_change": 2e-6, "control_reckoning_error": 2e-6}
 DERIVED = {"measured_over_predicted"}
 
 
@@ -112,6 +115,11 @@ CASES: dict[str, tuple[str, ...]] = {
     # a fixed control set split over the ranks (3 prompts: 2 on one, 1 on the other), its gradient all-reduced
     "control": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
                 "--param-derivative", "jvp", "--control-prompts", "3", "--no-fused-update"),
+    # the control set's entropy reckoned between gradient refreshes (steps 0 and 2): the first-order change is
+    # summed over the ranks' inner products, and the refresh's measured-minus-reckoned error is the same on both
+    "reckoning": ("--method", "entrocraft-predictive", "--schedule", "linear:2.0->1.5", "--predictor", "param",
+                  "--param-derivative", "jvp", "--control-prompts", "3", "--no-fused-update",
+                  "--control-gradient-every", "2", "--control-reckoning"),
     # whole-batch covariance selections (random detach for Clip-Cov; top fraction for KL-Cov)
     "clip-cov": ("--method", "clip-cov", "--method-options", "{ratio: 0.2, lb: -10.0, ub: 10.0}"),
     "kl-cov": ("--method", "kl-cov", "--method-options", "{ratio: 0.2}", "--ppo-epochs", "2", "--kl-coef",
@@ -133,8 +141,10 @@ def test_two_processes_make_the_decisions_of_one(tmp_path, case):
     torchrun(tmp_path / "two", 2, *args, *(("--fsdp",) if case == "fsdp" else ()))
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert all("probe_entropy" in r for r in a)
-    if case == "control":
+    if case in ("control", "reckoning"):
         assert all("control_entropy" in r for r in a if not r.get("final"))
+    if case == "reckoning":
+        assert any("reckoned_entropy_change" in r for r in a) and any("control_reckoning_error" in r for r in a)
     trained = [r for r in a if "loss" in r]
     assert trained, "no step trained: the comparison would be empty"
     if case == "clip-cov":

@@ -94,9 +94,13 @@ DISTINCT128_RUNS = [
 
 BIG_TASK_RUNS = [
     "vanilla|linear:H0->H0-0.2|{data}/llm_control_big_vanilla_metrics.jsonl",
+    "logit (default)|linear:H0->H0-0.2|{data}/llm_control_big_logit_metrics.jsonl",
     "400 distinct, relative|linear:H0->H0-0.2|{data}/llm_control_big_falling_metrics.jsonl",
+    "400 distinct, reckoning|linear:H0->H0-0.2|{data}/llm_control_big_reckon_metrics.jsonl",
     "vanilla|linear:H0->H0+0.15|{data}/llm_control_big_vanilla_metrics.jsonl|30",
+    "logit (default)|linear:H0->H0+0.15|{data}/llm_control_big_logit_rising_metrics.jsonl",
     "400 distinct, relative|linear:H0->H0+0.15|{data}/llm_control_big_rising_metrics.jsonl",
+    "400 distinct, reckoning|linear:H0->H0+0.15|{data}/llm_control_big_reckon_rising_metrics.jsonl",
 ]
 
 
@@ -139,6 +143,30 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     assert f"the control set {ours[0][1]:.1f}% / {ours[1][1]:.1f}%" in text
     assert f"vanilla {vanilla[0]:.1f}% / {vanilla[1]:.1f}%" in text
     assert all(o[0] < 5 for o in ours) and all(v > 5 for v in vanilla)
+    default = [scores["logit (default)", s][0] for s in (falling, rising)]
+    assert f"today's default (logit contributions on the batch entropy) {default[0]:.1f}% / {default[1]:.1f}%" in text
+    assert all(d > 5 for d in default)
+    reckoned = [scores["400 distinct, reckoning", s] for s in (falling, rising)]
+    assert (f"measured only at its gradient refreshes (`--control-reckoning`), {reckoned[0][0]:.1f}% / "
+            f"{reckoned[1][0]:.1f}% (control set {reckoned[0][1]:.1f}% / {reckoned[1][1]:.1f}%)") in text
+    assert all(r[0] < 5 for r in reckoned)
+    cols = {(label, spec): gen["column"](rows, spec) for label, spec, rows in
+            (gen["_run"](arg.format(data=ROOT / "docs" / "data")) for arg in BIG_TASK_RUNS)}
+    errors = [cols["400 distinct, reckoning", s]["control set, measured minus reckoned entropy at the refreshes: "
+                                                  "RMS / largest (nats)"].split(" / ") for s in (falling, rising)]
+    largest = max((e[1] for e in errors), key=lambda x: abs(float(x)))
+    assert (f"the refreshes found it off by {errors[0][0]} / {errors[1][0]} nats RMS (at most "
+            f"{abs(float(largest)):.4f} nats") in text
+    seconds = [cols[label, s]["seconds per step"] for label in ("400 distinct, reckoning", "400 distinct, relative")
+               for s in (falling, rising)]
+    assert f"{seconds[0]} / {seconds[1]} s per step against {seconds[2]} / {seconds[3]} s" in text
+    theory = " ".join((ROOT / "docs" / "theory.md").read_text().split())
+    assert (f"off by {errors[0][0]} and {errors[1][0]} nats RMS (falling, rising; at most "
+            f"{abs(float(largest)):.4f})") in theory
+    assert f"tracked within {reckoned[0][0]:.1f}% and {reckoned[1][0]:.1f}% of the range" in theory
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"is off by {default[0]:.1f}% / {default[1]:.1f}% and vanilla GRPO by {vanilla[0]:.1f}%" in readme
+    assert f"(`--control-reckoning`) keeps that ({reckoned[0][0]:.1f}% / {reckoned[1][0]:.1f}%)" in readme
     held, train = (len(gen_drift["every_problem"](ArithmeticTask(0, 49), side)) for side in (True, False))
     assert f"2,500 problems, {held} held out and {train:,} to train on" in text
     falling_rows = gen["_rows"](str(ROOT / "docs" / "data" / "llm_control_big_falling_metrics.jsonl"))
