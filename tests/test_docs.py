@@ -97,6 +97,7 @@ BIG_TASK_RUNS = [
     "logit (default)|linear:H0->H0-0.2|{data}/llm_control_big_logit_metrics.jsonl",
     "400 distinct, relative|linear:H0->H0-0.2|{data}/llm_control_big_falling_metrics.jsonl",
     "400 distinct, reckoning|linear:H0->H0-0.2|{data}/llm_control_big_reckon_metrics.jsonl",
+    "400 distinct, reckoning, seed 1|linear:H0->H0-0.2|{data}/llm_control_big_reckon_seed1_metrics.jsonl",
     "vanilla|linear:H0->H0+0.15|{data}/llm_control_big_vanilla_metrics.jsonl|30",
     "logit (default)|linear:H0->H0+0.15|{data}/llm_control_big_logit_rising_metrics.jsonl",
     "400 distinct, relative|linear:H0->H0+0.15|{data}/llm_control_big_rising_metrics.jsonl",
@@ -160,13 +161,21 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     seconds = [cols[label, s]["seconds per step"] for label in ("400 distinct, reckoning", "400 distinct, relative")
                for s in (falling, rising)]
     assert f"{seconds[0]} / {seconds[1]} s per step against {seconds[2]} / {seconds[3]} s" in text
+    second = cols["400 distinct, reckoning, seed 1", falling]
+    held = second["held-out (probe) entropy vs schedule: RMS / mean |error|, % of range"].split("%")[0]
+    gap = second["held-out minus control-set entropy at the same weights, first -> last probe (nats)"].split(" -> ")
+    assert float(held) > 5  # the claim: the second seed misses the target
+    assert (f"held its control set within {second['control-set entropy vs schedule: RMS, % of range']} of the "
+            f"range, but its held-out entropy was off by {held}%") in text
+    assert f"parted from the control set's by {abs(float(gap[1]) - float(gap[0])):.3f} nats" in text
+    assert f"went from {float(gap[0]):.3f} to {float(gap[1]):.3f} nats" in text
     theory = " ".join((ROOT / "docs" / "theory.md").read_text().split())
     assert (f"off by {errors[0][0]} and {errors[1][0]} nats RMS (falling, rising; at most "
             f"{abs(float(largest)):.4f})") in theory
     assert f"tracked within {reckoned[0][0]:.1f}% and {reckoned[1][0]:.1f}% of the range" in theory
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"is off by {default[0]:.1f}% / {default[1]:.1f}% and vanilla GRPO by {vanilla[0]:.1f}%" in readme
-    assert f"(`--control-reckoning`) keeps that ({reckoned[0][0]:.1f}% / {reckoned[1][0]:.1f}%)" in readme
+    assert f"(`--control-reckoning`) keeps seed 0's tracking ({reckoned[0][0]:.1f}% / {reckoned[1][0]:.1f}%)" in readme
     held, train = (len(gen_drift["every_problem"](ArithmeticTask(0, 49), side)) for side in (True, False))
     assert f"2,500 problems, {held} held out and {train:,} to train on" in text
     falling_rows = gen["_rows"](str(ROOT / "docs" / "data" / "llm_control_big_falling_metrics.jsonl"))
