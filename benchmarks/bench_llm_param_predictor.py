@@ -1,7 +1,7 @@
 """Cost of ``llm.train --predictor param`` (docs/theory.md §5.5) as a share of its training step.
 
-Five trainers of the same configuration, side by side in one process, steps interleaved (unfused, param, control,
-reckoning, logit, unfused, ...; two warm-up steps each, then the timed ones):
+Six trainers of the same configuration, side by side in one process, steps interleaved (unfused, param, control,
+reckoning, one-backward, logit, unfused, ...; two warm-up steps each, then the timed ones):
 
 * ``--predictor param --no-fused-update --param-derivative fd`` (``unfused``): the parameter-space contributions
   before the update, as a separate phase: a forward and a backward for ``grad Hbar``, a second backward for
@@ -15,6 +15,10 @@ reckoning, logit, unfused, ...; two warm-up steps each, then the timed ones):
   each update (a no-grad forward);
 * the same with ``--control-reckoning`` (``reckoning``): the control set is evaluated only at the gradient
   refreshes; after the other updates its entropy is advanced by the step's first-order change;
+* the same with ``--one-backward`` (``one-backward``, after ``--adam-warm-start 4``, which it needs and which
+  changes no step's cost): the update's forward runs before the selection and serves as the tangent's base, and
+  the plan's loss is back-propagated through it once; AdamW's map holds ``vhat`` fixed, so there is no
+  whole-batch gradient and no correction pass;
 * ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics.
 
 Configuration: the ``cpu-demo`` preset (the embedded SmolLM2-135M in float32, 8 prompts x 8 samples, at most 4
@@ -48,8 +52,10 @@ def make_trainer(predictor: str, out_dir):
     from llm.train import Trainer
 
     options = dict(PRESETS["smoke" if SMOKE else "cpu-demo"])
-    if predictor in ("control", "reckoning"):
-        options.update(control_reckoning=predictor == "reckoning",
+    if predictor == "one-backward":
+        options.update(one_backward=True, adam_warm_start=2 if SMOKE else 4)
+    if predictor in ("control", "reckoning", "one-backward"):
+        options.update(control_reckoning=predictor != "control",
                        control_prompts=4 if SMOKE else 32, control_gradient_every=CONTROL_GRADIENT_EVERY)
     if predictor == "unfused":
         options.update(fused_update=False, param_derivative="fd")
@@ -59,12 +65,15 @@ def make_trainer(predictor: str, out_dir):
                    schedule="linear:0.85->0.65",
                    steps=WARMUP_STEPS + TIMED_STEPS, eval_every=0, probe_every=0, checkpoint_every=0, plot=False,
                    progress=False, tensorboard=False, output_dir=str(out_dir))
-    return Trainer(TrainConfig(**options), out_dir)
+    trainer = Trainer(TrainConfig(**options), out_dir)
+    if trainer.cfg.adam_warm_start:
+        trainer.warm_start_optimizer()
+    return trainer
 
 
 def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     threads = torch.get_num_threads()
-    names = ("unfused", "param", "control", "reckoning", "logit")
+    names = ("unfused", "param", "control", "reckoning", "one-backward", "logit")
     trainers = {name: make_trainer(name, tmp_path / name) for name in names}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
 
@@ -79,14 +88,16 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     step = {name: statistics.mean(r["time_step"] for r in rs) for name, rs in rows.items()}
     predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name])
-                 for name in ("unfused", "param", "control", "reckoning")}
+                 for name in ("unfused", "param", "control", "reckoning", "one-backward")}
     size = "cpu-demo (SmolLM2-135M fp32, 8x8 samples, <= 4 tokens)" if not SMOKE else "smoke model"
     for name, label in (("unfused", "llm.train --predictor param --no-fused-update (central difference)"),
                         ("param", "llm.train --predictor param (fused update, one-sided difference)"),
                         ("control", "llm.train --predictor param --control-prompts (fused, one-sided, gradient "
                                     f"every {CONTROL_GRADIENT_EVERY} steps)"),
                         ("reckoning", "llm.train --predictor param --control-prompts --control-reckoning (fused, "
-                                      f"one-sided, gradient every {CONTROL_GRADIENT_EVERY} steps)")):
+                                      f"one-sided, gradient every {CONTROL_GRADIENT_EVERY} steps)"),
+                        ("one-backward", "llm.train --predictor param --control-prompts --control-reckoning "
+                                         f"--one-backward (one-sided, gradient every {CONTROL_GRADIENT_EVERY} steps)")):
         record_ratio(f"{label}: predictor / its step", predictor[name] / step[name],
                      "time of the predictor phase / the whole step (means)", size)
         record_ratio(f"{label}: extra over the logit step / its step", (step[name] - step["logit"]) / step[name],
@@ -96,6 +107,6 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
     benchmark.extra_info.update(step_s=step, predictor_s=predictor)
     print(f"\nsteps (s): {step}; predictor phases (s): {predictor}")
     assert all(r.get("predicted_entropy_change") is not None for r in rows["param"])
-    assert all("control_entropy" in r for r in rows["control"] + rows["reckoning"])
-    assert all("reckoned_entropy_change" in r for r in rows["reckoning"] if not r.get("skipped"))
+    assert all("control_entropy" in r for r in rows["control"] + rows["reckoning"] + rows["one-backward"])
+    assert all("reckoned_entropy_change" in r for r in rows["reckoning"] + rows["one-backward"] if not r.get("skipped"))
     assert all(0 < predictor[n] < step[n] for n in predictor)

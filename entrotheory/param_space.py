@@ -48,6 +48,7 @@ __all__ = [
     "entropy_param_gradient",
     "logit_directional_derivative",
     "first_order_entropy_change",
+    "inner_product",
     "policy_loss_gradient",
     "param_space_contributions",
 ]
@@ -124,6 +125,19 @@ def _matching(tensors: Sequence[Tensor | None] | None, params: tuple[Tensor, ...
         if not all_finite(t):
             raise ValueError(f"{name}[{i}] contains NaN/inf")
     return tuple(t.detach() if t is not None else None for t in tensors)
+
+
+def _buffers(tensors: Sequence[Tensor], params: tuple[Tensor, ...], dtypes: Sequence[torch.dtype], name: str
+             ) -> tuple[Tensor, ...]:
+    """Output buffers of a caller: one contiguous tensor of each parameter's shape and the given dtype (their
+    contents are overwritten, so they are not checked for NaN)."""
+    if len(tensors) != len(params):
+        raise ValueError(f"{name} has {len(tensors)} entries for {len(params)} parameters")
+    for i, (t, p, dtype) in enumerate(zip(tensors, params, dtypes)):
+        if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != dtype or not t.is_contiguous():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}[{i}] must be a contiguous {tuple(p.shape)} {dtype} tensor, got {got}")
+    return tuple(tensors)
 
 
 def _check_hyper(value: float, name: str, low: float = 0.0, high: float = math.inf, open_low: bool = False) -> float:
@@ -351,7 +365,7 @@ STEP_DIRECTION_CHUNK = 2**18
 
 
 def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupled: bool, g0: Tensor | None,
-                         linearize_v: bool) -> tuple[Tensor, float]:
+                         linearize_v: bool, out: Tensor | None = None) -> tuple[Tensor, float]:
     """``G v`` and ``<v, drift_step>`` of one Adam/AdamW parameter, piece by piece (the same expressions as
     :func:`adam_preconditioner`, eq. 5.2 with ``vhat`` frozen, eq. 5.2b linearised about ``g0``)."""
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -359,7 +373,7 @@ def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupl
     bc1, bc2 = 1 - b1 ** (taken + 1), 1 - b2 ** (taken + 1)
     flat = {k: x.detach().reshape(-1) for k, x in
             (("p", p), ("vec", v), ("m", state["exp_avg"]), ("v2", state["exp_avg_sq"]), ("g0", g0)) if x is not None}
-    out = torch.empty_like(flat["vec"])
+    out = torch.empty_like(flat["vec"]) if out is None else out.view(-1)
     drift = torch.zeros((), dtype=torch.float64, device=out.device)  # read once at the end (no sync per piece)
     chunk = STEP_DIRECTION_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
 
@@ -388,7 +402,7 @@ def _adam_step_direction(p: Tensor, v: Tensor, state: dict, group: dict, decoupl
 
 def optimizer_step_direction(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vector: Sequence[Tensor],
-    grads: Sequence[Tensor] | None = None, linearize_v: bool = True,
+    grads: Sequence[Tensor] | None = None, linearize_v: bool = True, out: Sequence[Tensor] | None = None,
 ) -> tuple[tuple[Tensor, ...], float]:
     """``G v`` and ``<v, drift_step>`` of the optimiser's coming step for a vector ``v`` (eq. 5.2, 5.3).
 
@@ -396,14 +410,16 @@ def optimizer_step_direction(
     parameter at a time and, for Adam/AdamW, one cache-sized piece at a time, so that the gains and drifts
     of the whole model are never held: with ``v = grad Hbar`` this gives the direction ``G grad Hbar`` of the
     per-token contributions and the drift ``<grad Hbar, drift_step>`` (nats, summed in float64), at the
-    memory of the direction itself.
+    memory of the direction itself. ``out``: contiguous tensors of the parameters' shapes to write the
+    direction into (a caller's buffers, reused across steps instead of a model-sized allocation per step).
     """
     params = _check_params(params)
     vector = _matching(vector, params, "vector")
     g_all = _matching(grads, params, "grads")
+    out_all = (None,) * len(params) if out is None else _buffers(out, params, [v.dtype for v in vector], "out")
     group_of = {id(q): group for group in optimizer.param_groups for q in group["params"]}
     direction, drift = [], 0.0
-    for p, v, g in zip(params, vector, g_all):
+    for p, v, g, o in zip(params, vector, g_all, out_all):
         if v is None:
             raise ValueError(f"vector needs one tensor of each parameter's shape {tuple(p.shape)}")
         group, state = group_of.get(id(p)), optimizer.state.get(p, {})
@@ -411,12 +427,12 @@ def optimizer_step_direction(
                 and (g is not None or float(state["step"]) > 0)
                 and not group.get("maximize") and not group.get("amsgrad")):
             decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-            d, inner = _adam_step_direction(p, v, state, group, decoupled, g, linearize_v)
+            d, inner = _adam_step_direction(p, v, state, group, decoupled, g, linearize_v, o)
             direction.append(d)
             drift += inner
             continue
         one = preconditioner_from_optimizer(optimizer, [p], None if g is None else [g], linearize_v)
-        direction.append(one.gain[0] * v)
+        direction.append(one.gain[0] * v if o is None else torch.mul(one.gain[0], v, out=o))
         if one.drift_step[0] is not None:
             drift += float(first_order_entropy_change([v], [one.drift_step[0]]))
     return tuple(direction), drift
@@ -558,6 +574,7 @@ def _check_mask_shape(mask: Tensor, logits: Tensor, name: str = "mask") -> None:
 def logit_directional_derivative(
     logits_fn: LogitsFn, params: Sequence[Tensor], direction: Sequence[Tensor], method: str = "fd",
     step: float | Tensor | None = None, batch_dims: int = 0, base: Tensor | None = None,
+    workspace: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Directional derivative of all logits along ``direction``: ``d/de logits(theta + e d)`` (eq. 5.4).
 
@@ -567,8 +584,9 @@ def logit_directional_derivative(
     error ``O(h^2)`` (third derivative) plus rounding ``O(eps_dtype / h)``. ``method="forward"``:
     ``(logits(theta + h d) - base) / h`` with ``base = logits(theta)`` (pass the logits a caller already has,
     e.g. those of the update's own forward, and it costs one no-grad forward); error ``O(h)`` (second
-    derivative) plus rounding ``O(eps_dtype / h)``. Returns the logits' shape, float64 for float64 logits,
-    else float32.
+    derivative) plus rounding ``O(eps_dtype / h)``. ``workspace``: tensors of the parameters' shapes that
+    hold the displaced weights ``theta +- h d`` (``fd``/``forward``; reused by a caller across calls instead of
+    a model-sized allocation per call). Returns the logits' shape, float64 for float64 logits, else float32.
     """
     if method not in DERIVATIVE_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DERIVATIVE_METHODS}")
@@ -590,18 +608,50 @@ def logit_directional_derivative(
         x = x.to(dtype=like.dtype, device=like.device)
         return x.reshape((-1,) + (1,) * (like.ndim - 1)) if x.ndim else x
 
+    if workspace is not None:
+        workspace = _buffers(workspace, params, [p.dtype for p in params], "workspace")
+
+    def displaced(sign: float) -> tuple[Tensor, ...]:
+        """``theta + sign h d``, into ``workspace`` when given."""
+        if h.ndim == 0:  # one step: p + (sign h) d in one pass
+            alpha = sign * float(h)
+            if workspace is None:
+                return tuple(torch.add(p, d, alpha=alpha) for p, d in zip(params, direction))
+            return tuple(torch.add(p, d, alpha=alpha, out=w) for p, d, w in zip(params, direction, workspace))
+        return tuple(p + sign * shaped(h, p) * d for p, d in zip(params, direction))
+
     with torch.no_grad():
-        plus = _call(logits_fn, tuple(p + shaped(h, p) * d for p, d in zip(params, direction)))
+        plus = _call(logits_fn, displaced(1.0))
         if method == "forward":
             minus, h_total = (_call(logits_fn, params) if base is None else base.detach()), h
             if minus.shape != plus.shape:
                 raise ValueError(f"base logits {tuple(minus.shape)} must have the logits' shape {tuple(plus.shape)}")
         else:
-            minus, h_total = _call(logits_fn, tuple(p - shaped(h, p) * d for p, d in zip(params, direction))), 2 * h
+            minus, h_total = _call(logits_fn, displaced(-1.0)), 2 * h
         out_dtype = torch.float64 if plus.dtype == torch.float64 else torch.float32
         denom = shaped(h_total, plus.to(out_dtype))
         diff = plus.to(out_dtype) - minus.to(out_dtype)
         return torch.where(denom > 0, diff / denom.clamp(min=1e-300), torch.zeros_like(diff))
+
+
+# elements per piece of an inner product on the CPU: each piece's products go to a cache-sized scratch tensor and
+# are summed in the operands' dtype (torch's cascade summation: relative error about 1e-7 even where the terms
+# cancel to 1e-4 of their magnitudes), the pieces' sums in float64; no temporary of the operands' size (on a GPU
+# the whole tensor is one piece, summed in float64)
+DOT_CHUNK = 2**16
+
+
+def inner_product(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` of two tensors of one shape as a float64 scalar, in pieces of ``DOT_CHUNK`` elements."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.device.type != "cpu" or x.numel() <= DOT_CHUNK:
+        return (x * y).sum(dtype=torch.float64)
+    scratch = torch.empty(DOT_CHUNK, dtype=torch.promote_types(x.dtype, y.dtype))
+    parts = []
+    for lo in range(0, x.numel(), DOT_CHUNK):
+        piece = x[lo:lo + DOT_CHUNK]
+        parts.append(torch.mul(piece, y[lo:lo + DOT_CHUNK], out=scratch[:piece.numel()]).sum())
+    return torch.stack(parts).sum(dtype=torch.float64)
 
 
 def first_order_entropy_change(entropy_grad: Sequence[Tensor], delta: Sequence[Tensor], batch_dims: int = 0
@@ -617,10 +667,10 @@ def first_order_entropy_change(entropy_grad: Sequence[Tensor], delta: Sequence[T
     for g, d in zip(entropy_grad, delta):
         if g.shape != d.shape:
             raise ValueError(f"gradient shape {tuple(g.shape)} != step shape {tuple(d.shape)}")
-        # the product in the operands' dtype, the sum in float64 (no float64 copies of the model)
-        prod = g * d
-        part = (prod.reshape(prod.shape[0], -1).sum(1, dtype=torch.float64) if batch_dims
-                else prod.sum(dtype=torch.float64))
+        # per model: the product in the operands' dtype, the sum in float64 (no float64 copies of the model);
+        # one model: piece by piece (inner_product)
+        part = ((g * d).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) if batch_dims
+                else inner_product(g, d))
         total = part if total is None else total + part
     return total
 

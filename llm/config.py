@@ -80,6 +80,11 @@ class TrainConfig:
         True, "param predictor: the update reuses the predictor's forward and whole-batch gradient and back-propagates "
         "only the rejected samples' correction (one process, one PPO epoch, one mini-batch, no reference KL; "
         "otherwise, or for a plan that detaches tokens or adds an entropy term, the usual update runs)")
+    one_backward: bool = _opt(
+        False, "param predictor with a control set: the update's forward runs first (its logits are the tangent's "
+        "base) and, after the selection, one backward of the plan's loss through it; AdamW's map holds vhat fixed "
+        "and the clip factor is the last step's (no whole-batch gradient before the selection; needs "
+        "--adam-warm-start with AdamW, one process, one PPO epoch, one mini-batch)")
     entropy_estimate: bool = _opt(False, "control a Kalman estimate of the policy's entropy instead of the batch "
                                   "entropy")
     estimate_process_std: float = _opt(0.01, "nats: what one step's measured change misses of the policy's change")
@@ -209,6 +214,15 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"--control-gradient-every {cfg.control_gradient_every} reuses the control set's gradient "
                         f"with its entropy measured after each update: it needs --control-prompts and "
                         f"--measure-entropy-change")
+    if cfg.one_backward and not (cfg.predictor == "param" and cfg.control_prompts):
+        raise UserError("--one-backward takes the entropy gradient from the control set (the batch's would need a "
+                        "backward of its own): it needs --predictor param and --control-prompts")
+    if cfg.one_backward and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1):
+        raise UserError(f"--one-backward back-propagates the plan's loss through the predictor's forward once: it "
+                        f"needs --ppo-epochs 1 and --mini-batches 1 (got {cfg.ppo_epochs}, {cfg.mini_batches})")
+    if cfg.one_backward and cfg.optimizer == "adamw" and not cfg.adam_warm_start:
+        raise UserError("--one-backward reads AdamW's coming step with its second moment held fixed, which does "
+                        "not exist before the first step: it needs --adam-warm-start K (K >= 1)")
     if cfg.control_reckoning and not (cfg.control_prompts and cfg.measure_entropy_change):
         raise UserError("--control-reckoning advances the control set's entropy by each update's first-order "
                         "change: it needs --control-prompts and --measure-entropy-change")

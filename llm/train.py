@@ -54,6 +54,7 @@ from entrotheory.core import all_finite
 from entrotheory.methods import METHODS, MethodPlan, make_method, masked_token_mean, ppo_clipped
 from entrotheory.param_space import (
     first_order_entropy_change,
+    inner_product,
     log_prob_tangent,
     logit_directional_derivative,
     momentum_carry_factor,
@@ -255,15 +256,28 @@ class FirstOrder:
     optimiser step :meth:`predicted` (needs ``keep_start``)."""
 
     def __init__(self, params: list[torch.nn.Parameter], sharded: bool, loss_scale: float = 1.0,
-                 keep_start: bool = True) -> None:
+                 keep_start: bool = True, start: list[torch.Tensor] | None = None) -> None:
         self.params = params
         self.sharded = sharded
         self.loss_scale = loss_scale
-        self.theta0 = [local_tensor(p.detach()).clone() for p in params] if keep_start else None
-        self.grad = [torch.zeros_like(local_tensor(p.detach())) for p in params]
+        self.theta0 = None
+        if keep_start:  # into the caller's buffers when given (a model-sized allocation per step is slow)
+            self.theta0 = ([local_tensor(p.detach()).clone() for p in params] if start is None else
+                           [b.copy_(local_tensor(p.detach())) for b, p in zip(start, params)])
+        self._grad: list[torch.Tensor] | None = None  # allocated when first needed (a reused one replaces it)
         self.ready = False  # the gradient is complete (reduced over micro-batches and ranks)
         if sharded:
             self._clear_param_grads()
+
+    @property
+    def grad(self) -> list[torch.Tensor]:
+        if self._grad is None:
+            self._grad = [torch.zeros_like(local_tensor(p.detach())) for p in self.params]
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: list[torch.Tensor]) -> None:
+        self._grad = value
 
     def _clear_param_grads(self) -> None:
         for p in self.params:
@@ -294,11 +308,14 @@ class FirstOrder:
             dist.sum_tensors_(self.grad)
 
     def predicted(self, dist: DistContext) -> float:
-        """``<dH/dtheta, theta_now - theta_before>`` (nats), summed over the shards."""
+        """``<dH/dtheta, theta_now - theta_before>`` (nats), summed over the shards. The step is formed in the
+        start weights' place: they are used up (a second call raises)."""
         if self.theta0 is None:
-            raise RuntimeError("FirstOrder(keep_start=False) has no start weights to measure a step from")
-        local = float(sum((g * (local_tensor(p.detach()) - p0)).sum()
-                          for g, p, p0 in zip(self.grad, self.params, self.theta0)))
+            raise RuntimeError("FirstOrder has no start weights to measure a step from (keep_start=False, or "
+                               "predicted() was called already)")
+        steps, self.theta0 = self.theta0, None
+        local = float(sum(inner_product(g, torch.sub(local_tensor(p.detach()), p0, out=p0))
+                          for g, p, p0 in zip(self.grad, self.params, steps)))
         return dist.sum(local)[0] if self.sharded else local
 
 
@@ -315,7 +332,9 @@ class ParamDirection:
     With ``--fused-update``: ``whole_gradient``, the loss gradient with every sample accepted (this rank's
     rows, summed over ranks), and ``before``, the pre-update policy on the batch, both from the predictor's
     forward, which the update reuses; ``update_seconds``, the time of that forward and backward, the update's
-    own work done early (the step's clock books it to the update when the fused update ran, ``fused``)."""
+    own work done early (the step's clock books it to the update when the fused update ran, ``fused``).
+    With ``--one-backward``: ``graphs``, the logits of the update's own forward (with their graphs, the same
+    micro-batches), through which the update back-propagates the plan's loss once."""
 
     directional: torch.Tensor
     drift: float
@@ -327,6 +346,7 @@ class ParamDirection:
     before: _Before | None = None
     update_seconds: float = 0.0
     fused: bool = False  # the update took them (set by Trainer._update)
+    graphs: list[torch.Tensor] | None = None  # --one-backward: the update's logits per micro-batch, with graph
 
 
 @dataclass
@@ -530,6 +550,12 @@ class Trainer:
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.estimate = EntropyStateEstimate() if cfg.entropy_estimate else None
         self.last_accepted_fraction = 1.0  # AdamW's reference gradient for the parameter-space predictor
+        # the last update's gradient norm before clipping: --one-backward's clip factor (None: none taken yet)
+        self.last_grad_norm: float | None = None
+        self.scratch: dict[str, list[torch.Tensor]] = {}  # see _buffers
+        if cfg.one_backward and self.dist.enabled:
+            raise UserError("--one-backward keeps the predictor's forward graph for the update's backward, which "
+                            "DDP does not reduce: it runs in one process only")
         # the control set's entropy after the last update (measured) and its gradient (taken every
         # control_gradient_every steps); None: take them afresh
         self.control_value: float | None = None
@@ -752,6 +778,7 @@ class Trainer:
         K = cfg.adam_warm_start
         beta2 = self.optimizer.param_groups[0]["betas"][1]
         squares = [torch.zeros_like(p) for p in self.params]
+        norms = 0.0  # the mean gradient norm of the K batches: the first step's clip factor of --one-backward
         self.model.eval()
         for k in range(K):
             batch = self._sample(k, purpose="adam-warm-start")
@@ -766,9 +793,11 @@ class Trainer:
                     loss = masked_token_mean(torch.where(local_mask[rows], -adv[rows] * lp, 0.0), local_mask[rows],
                                              n_tok)
                     (loss * self.loss_scale).backward()
-            if not self._clip_gradients(False, _UpdateTotals(steps=1)):
+            totals = _UpdateTotals(steps=K)
+            if not self._clip_gradients(False, totals):
                 raise UserError(f"--adam-warm-start: batch {k} gave a non-finite gradient; the initial weights "
                                 f"or --lr are broken")
+            norms += totals.grad_norm
             for acc, p in zip(squares, self.params):
                 if p.grad is not None:
                     acc.addcmul_(p.grad, p.grad, value=1.0 / K)
@@ -778,6 +807,7 @@ class Trainer:
             state["step"] = torch.tensor(float(K), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = v.mul_(1 - beta2**K)
+        self.last_grad_norm = norms
 
     def _rewards(self, correct: torch.Tensor, roll: Rollout) -> torch.Tensor:
         """Rewards ``[P, G]`` of the whole batch: the task's (``correct`` ``[B]``, global), or
@@ -865,13 +895,14 @@ class Trainer:
         m_total = float(batch.mask.sum())
         adv = batch.advantages[batch.rows]
         norm = torch.tensor(batch.mini_batch_tokens, device=self.device)[batch.mini_batch[batch.rows]].unsqueeze(-1)
-        first_order = FirstOrder(self.params, sharded=False)
+        first_order = FirstOrder(self.params, sharded=False, start=self._buffers("start"))
         adam = isinstance(self.optimizer, torch.optim.Adam)
         fused = self._fusable()
-        loss_grad = (FirstOrder(self.params, sharded=False, keep_start=False) if adam or cfg.grad_clip > 0 or fused
-                     else None)
+        one = cfg.one_backward  # the forward is the update's own, kept with its graph; no loss gradient here
+        loss_grad = (FirstOrder(self.params, sharded=False, keep_start=False)
+                     if (adam or cfg.grad_clip > 0 or fused) and not one else None)
         chunks = torch.arange(B, device=self.device).split(cfg.micro_batch_size)
-        centre = []
+        centre, graphs = [], [] if one else None
         self.model.eval()
         control, reckoning_error = None, None
         if self.control_set is not None:  # the controlled entropy is the control set's: its value and gradient
@@ -879,9 +910,12 @@ class Trainer:
         t_update = 0.0
         for rows in chunks:
             t0 = self._clock()
-            with torch.enable_grad() if control is None or loss_grad is not None else torch.no_grad():
+            with torch.enable_grad() if control is None or loss_grad is not None or one else torch.no_grad():
                 logits = self._plain_logits(self.model, batch, rows)
                 t_forward = self._clock() - t0
+                if one:
+                    graphs.append(logits)
+                    t_update += t_forward
                 if control is None:
                     first_order.accumulate(masked_token_mean(policy_entropy(logits), local_mask[rows], m_total))
                 if loss_grad is not None:
@@ -906,7 +940,10 @@ class Trainer:
             clip = self._expected_clip_factor(reference)
             for g in reference:
                 g.mul_(clip)
-        direction, drift = optimizer_step_direction(self.optimizer, self.params, first_order.grad, reference)
+        elif one:
+            clip = self._last_clip_factor()
+        direction, drift = optimizer_step_direction(self.optimizer, self.params, first_order.grad, reference,
+                                                    out=self._buffers("direction"))
         del reference
         if clip != 1.0:
             for x in direction:
@@ -919,11 +956,28 @@ class Trainer:
         for rows, z in zip(chunks, centre):
             tangent = logit_directional_derivative(
                 lambda ps, r=rows: self._functional_logits(ps, batch, r), self.params, direction, method,
-                h if method != "jvp" else None, base=z if method == "forward" else None)
+                h if method != "jvp" else None, base=z if method == "forward" else None,
+                workspace=self._buffers("displaced") if method != "jvp" else None)
             tokens = batch.roll.tokens[rows]
             s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
         return ParamDirection(d.gather_rows(s), drift, first_order, clip, control, reckoning_error, whole, before,
-                              t_update)
+                              t_update, graphs=graphs)
+
+    def _buffers(self, name: str) -> list[torch.Tensor]:
+        """Model-sized scratch tensors of the parameter-space predictor (``start``: the weights before the
+        update; ``direction``: ``G grad Hbar``; ``displaced``: the weights of the tangent's forward), made once
+        and reused every step: a fresh model-sized allocation costs about as much as a pass over the weights."""
+        if name not in self.scratch:
+            self.scratch[name] = [torch.empty_like(p.detach()) for p in self.params]
+        return self.scratch[name]
+
+    def _last_clip_factor(self) -> float:
+        """``--one-backward``'s expected clip factor ``min(1, grad_clip / ||g_prev||)``, from the last update's
+        gradient norm before clipping (after ``--adam-warm-start``, its batches' mean; 1 before any gradient):
+        the coming gradient is not known before the selection (docs/theory.md §5.5b)."""
+        if self.cfg.grad_clip <= 0 or self.last_grad_norm is None:
+            return 1.0
+        return min(1.0, self.cfg.grad_clip / (self.last_grad_norm + CLIP_NORM_EPS))
 
     def _expected_clip_factor(self, reference: list[torch.Tensor]) -> float:
         """``min(1, grad_clip / ||g0||)`` for the expected gradient ``g0`` of the selection: the factor by which
@@ -1051,6 +1105,9 @@ class Trainer:
                     or plan.entropy_coef or self.method.needs_token_entropy):
                 batch.param.fused = True
                 return self._fused_update(batch, plan, whole)
+        retained = None
+        if batch.param is not None and batch.param.graphs is not None:  # --one-backward: the forward is done
+            retained, batch.param.graphs, batch.param.fused = batch.param.graphs, None, True
         before, separate = self._old_policy(batch)
         plan_local = plan.rows(batch.rows)
         minib = batch.mini_batch[batch.rows]
@@ -1061,7 +1118,8 @@ class Trainer:
         for epoch, (m, idx) in itertools.product(range(cfg.ppo_epochs), enumerate(groups)):
             first = epoch == 0 and not separate  # this pass also records the old policy
             self.optimizer.zero_grad(set_to_none=True)
-            nan = self._accumulate(batch, plan, plan_local, before, idx, batch.mini_batch_tokens[m], first, totals)
+            nan = self._accumulate(batch, plan, plan_local, before, idx, batch.mini_batch_tokens[m], first, totals,
+                                   retained if epoch == 0 and m == 0 else None)
             finite = self._clip_gradients(nan, totals)
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -1069,6 +1127,8 @@ class Trainer:
             if first and before.first_order is not None:  # one mini-batch: its gradient is complete now
                 before.first_order.reduce(d)
             self.optimizer.step()
+        if finite:
+            self.last_grad_norm = totals.grad_norm
         loss, clipped, kl_ref = d.sum(totals.loss, totals.clipped, totals.kl_ref)
         metrics = {"loss": loss, "clip_fraction": clipped, "grad_norm": totals.grad_norm}
         if self.ref_model is not None:
@@ -1108,6 +1168,7 @@ class Trainer:
         finite = self._clip_gradients(nan, totals)
         if finite:
             self.optimizer.step()
+            self.last_grad_norm = totals.grad_norm
         else:
             self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the loss and clip fraction at ratio 1, as the usual update reports them
@@ -1141,17 +1202,22 @@ class Trainer:
         return before, separate
 
     def _accumulate(self, batch: Batch, plan: MethodPlan, plan_local: MethodPlan, before: _Before,
-                    idx: torch.Tensor, n_tok: float, first: bool, totals: _UpdateTotals) -> bool:
+                    idx: torch.Tensor, n_tok: float, first: bool, totals: _UpdateTotals,
+                    retained: list[torch.Tensor] | None = None) -> bool:
         """Forward and backward of one mini-batch (this rank's rows ``idx``) micro-batch by micro-batch, its
         loss normalised by its token count ``n_tok``; on the ``first`` pass the old policy is recorded too.
-        Returns whether a logit or the loss was not finite (the backward still joins DDP's)."""
+        ``retained``: the micro-batches' logits already computed with their graphs (``--one-backward``), used
+        instead of a forward. Returns whether a logit or the loss was not finite (the backward still joins
+        DDP's)."""
         cfg = self.cfg
         local_mask = batch.local_mask
         nan = False
         chunks = idx.split(cfg.micro_batch_size)
+        if retained is not None and len(retained) != len(chunks):
+            raise RuntimeError(f"{len(retained)} retained forwards for {len(chunks)} micro-batches")
         for c, rows in enumerate(chunks):
             with self._gradient_sync(c == len(chunks) - 1):
-                logits = self._logits(self.train_forward, batch, rows)
+                logits = retained[c] if retained is not None else self._logits(self.train_forward, batch, rows)
                 if not all_finite(logits):  # skipped like a NaN loss; the backward still joins DDP's
                     nan = True
                     (logits.sum() * 0.0).backward()
@@ -1343,6 +1409,7 @@ class Trainer:
         state = {"next_step": next_step, "method": self.method.state_dict(), "nan_streak": self.nan_streak,
                  "estimate": self.estimate.state_dict() if self.estimate is not None else {},
                  "last_accepted_fraction": self.last_accepted_fraction, "schedule_anchor": self.schedule_anchor,
+                 "last_grad_norm": self.last_grad_norm,
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -1407,6 +1474,7 @@ class Trainer:
         if self.estimate is not None and state.get("estimate"):
             self.estimate.load_state_dict(state["estimate"])
         self.last_accepted_fraction = float(state.get("last_accepted_fraction", 1.0))
+        self.last_grad_norm = state.get("last_grad_norm")
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():

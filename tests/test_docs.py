@@ -481,3 +481,37 @@ def test_set_drift_numbers_quoted_in_the_guide_are_the_saved_ones():
         assert f"{gaps[a]:.3f} / {gaps[b]:.3f}" in text, (a, b)
     assert f"{gaps['rel-d128-rising']:.3f} on the rising one" in text
     assert all(g <= 0 for g in gaps.values())
+
+
+def test_big_task_set_drift_quoted_in_the_guide_is_the_saved_one():
+    """docs/llm.md's seed-1 bullet quotes the end-of-run error budget of both big-task falling runs that
+    docs/gen_set_drift.py saved, the spread of random control sets and the probe's standard error, and its claims
+    hold for them: each budget adds up to the probe's error, the controller's own miss is below 0.001 nats, and
+    seed 1's probe part is more than one standard error where seed 0's is not."""
+    import json
+
+    runs = {r["run"]: r for r in json.loads((ROOT / "docs" / "data" / "fixed_set_drift_big.json").read_text())}
+    text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
+    s0, s1 = runs["big-reckon"], runs["big-reckon-s1"]
+    terms = ("control minus schedule", "training population minus control",
+             "held-out population minus training population", "probe minus held-out population")
+    for run in (s0, s1):
+        budget = run["end_error_budget"]
+        assert sum(budget[t] for t in terms) == pytest.approx(budget["probe minus schedule"], abs=1e-9)
+        assert abs(budget["control minus schedule"]) < 1e-3
+    for term in terms:
+        quoted = f"{s0['end_error_budget'][term]:+.4f} / {s1['end_error_budget'][term]:+.4f}".replace("+", "")
+        assert quoted in text.replace("+", ""), term
+    assert (f"in all {s0['end_error_budget']['probe minus schedule']:.4f} / "
+            f"{s1['end_error_budget']['probe minus schedule']:.4f}") in text
+    spread = [r["random_control_sets"]["128 x 1"]["standard_deviation"] for r in (s0, s1)]
+    assert f"by {spread[0]:.3f} / {spread[1]:.3f} nats (standard deviation over draws)" in text
+    se = [r["sets"]["probe"]["change_standard_error"] for r in (s0, s1)]
+    assert f"a standard error of {se[0]:.3f} / {se[1]:.3f} nats" in text
+    ratio = [r["end_error_budget"]["probe minus held-out population"] / r["sets"]["probe"]["change_standard_error"]
+             for r in (s0, s1)]
+    assert abs(ratio[0]) < 1 < abs(ratio[1]) and f"({abs(ratio[1]):.1f} standard errors)" in text
+    ends = [r["sets"]["held-out population"]["change"] - r["schedule_change"] for r in (s0, s1)]
+    assert all(e < 0 for e in ends)
+    assert (f"ended {abs(ends[0]):.3f} / {abs(ends[1]):.3f} nats below the schedule ({abs(ends[0]) / 0.2:.0%} / "
+            f"{abs(ends[1]) / 0.2:.0%} of its range)") in text

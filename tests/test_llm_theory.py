@@ -307,6 +307,69 @@ def test_control_reckoning_needs_a_control_set():
         TrainConfig(**{**PRESETS["smoke"], "predictor": "param", "control_reckoning": True})
 
 
+def test_one_backward_trains_what_the_usual_update_trains(tmp_path, monkeypatch):
+    """--one-backward under SGD without clipping (whose map needs no loss gradient, so the contributions and the
+    plans are those of the usual unfused path): the same predictions, first-order and measured changes and the
+    same weights after 4 steps as --no-fused-update, with one forward of the batch (two micro-batches) fewer per
+    update (the update back-propagates through the predictor's forward)."""
+    original = Trainer._logits
+    forwards = {True: 0, False: 0}
+
+    def spy(self, model, batch, rows):
+        forwards[self.cfg.one_backward] += 1
+        return original(self, model, batch, rows)
+
+    monkeypatch.setattr(Trainer, "_logits", spy)
+    base = {**PRESETS["smoke"], "optimizer": "sgd", "lr": 0.05, "grad_clip": 0.0, "eval_prompts": 0,
+            "predictor": "param", "control_prompts": 3, "control_gradient_every": 2, "param_derivative": "forward",
+            "fused_update": False, "method": "entrocraft-predictive", "schedule": "linear:H0->H0-1", "seed": 2}
+    runs, weights = {}, {}
+    for one in (True, False):
+        trainer = Trainer(TrainConfig(**{**base, "one_backward": one}), Path(tmp_path) / str(one))
+        runs[one] = [trainer.train_step(t) for t in range(4)]
+        weights[one] = [p.detach().clone() for p in trainer.params]
+    assert not any(r.get("skipped") for r in runs[True] + runs[False])
+    for a, b in zip(runs[True], runs[False]):
+        assert a["accepted_fraction"] == b["accepted_fraction"]
+        for key in ("predicted_entropy_change", "exact_predicted_entropy_change", "measured_entropy_change", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+    assert any(r["accepted_fraction"] < 1 for r in runs[True])  # a selection was made, not only whole batches
+    for p, q in zip(weights[True], weights[False]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    micro_batches = base["prompts_per_step"] * base["samples_per_prompt"] // base["micro_batch_size"]
+    assert micro_batches == 2 and forwards[False] - forwards[True] == 4 * micro_batches
+
+
+def test_one_backward_clip_factor_is_the_last_gradient_norms(tmp_path):
+    """--one-backward under AdamW: the expected clip factor of the first step is min(1, clip / the warm start's
+    mean gradient norm), of each later step min(1, clip / the last update's norm); AdamW's map holds vhat
+    fixed, so the drift and contributions need no loss gradient of the batch."""
+    cfg = TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0, "predictor": "param", "control_prompts": 3,
+                         "adam_warm_start": 2, "grad_clip": 0.05, "one_backward": True, "seed": 2})
+    trainer = Trainer(cfg, Path(tmp_path))
+    trainer.warm_start_optimizer()
+    norm = trainer.last_grad_norm
+    assert norm is not None and norm > cfg.grad_clip  # clipping is active, so the factor is informative
+    rows = []
+    for t in range(3):
+        rows.append(trainer.train_step(t))
+        assert rows[-1]["predicted_clip_factor"] == pytest.approx(min(1.0, cfg.grad_clip / norm), rel=1e-6)
+        norm = rows[-1]["grad_norm"] if not rows[-1].get("skipped") else norm
+    assert len({r["predicted_clip_factor"] for r in rows}) > 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"control_prompts": 0}, "--control-prompts"),
+    ({"adam_warm_start": 0}, "--adam-warm-start"),
+    ({"mini_batches": 2}, "--mini-batches 1"),
+])
+def test_one_backward_refuses_what_it_cannot_do(options, message):
+    cfg = {**PRESETS["smoke"], "predictor": "param", "control_prompts": 3, "adam_warm_start": 2,
+           "one_backward": True, **options}
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**cfg)
+
+
 def test_adam_warm_start_fills_the_second_moment_only(tmp_path):
     """--adam-warm-start 2: AdamW's second moment is (1 - beta2^2) times the mean squared (clipped) loss gradient
     of two batches of the initial policy, recomputed here by autograd on the same rollouts; the step count is 2,
