@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -98,10 +99,12 @@ BIG_TASK_RUNS = [
     "400 distinct, relative|linear:H0->H0-0.2|{data}/llm_control_big_falling_metrics.jsonl",
     "400 distinct, reckoning|linear:H0->H0-0.2|{data}/llm_control_big_reckon_metrics.jsonl",
     "400 distinct, reckoning, seed 1|linear:H0->H0-0.2|{data}/llm_control_big_reckon_seed1_metrics.jsonl",
+    "400 distinct, one backward|linear:H0->H0-0.2|{data}/llm_control_big_one_metrics.jsonl",
     "vanilla|linear:H0->H0+0.15|{data}/llm_control_big_vanilla_metrics.jsonl|30",
     "logit (default)|linear:H0->H0+0.15|{data}/llm_control_big_logit_rising_metrics.jsonl",
     "400 distinct, relative|linear:H0->H0+0.15|{data}/llm_control_big_rising_metrics.jsonl",
     "400 distinct, reckoning|linear:H0->H0+0.15|{data}/llm_control_big_reckon_rising_metrics.jsonl",
+    "400 distinct, one backward|linear:H0->H0+0.15|{data}/llm_control_big_one_rising_metrics.jsonl",
 ]
 
 
@@ -119,10 +122,11 @@ def test_control_table_is_regenerated_from_the_saved_metrics(runs):
 
 def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     """docs/llm.md's table-6 bullet (and README, theory) quote the held-out and control-set tracking errors of the
-    saved big-task runs, vanilla's and today's default's, the reckoning runs' errors and times, and the second
-    seed's miss, and the claims hold for them: seed 0's held-out entropy is within the issue's 5% of the range over
-    the whole run on both schedules (measured or reckoned), where vanilla and the default are not, and seed 1's is
-    not."""
+    saved big-task runs, vanilla's and today's default's, the reckoning runs' errors and times, the one-backward
+    runs' errors, times and before-vs-after prediction correlations (also in theory §5.5b), and the second seed's
+    miss, and the claims hold for them: seed 0's held-out entropy is within the issue's 5% of the range over the
+    whole run on both schedules (measured, reckoned, or with one backward), where vanilla and the default are not,
+    and seed 1's is not."""
     import runpy
 
     from llm.tasks import ArithmeticTask
@@ -161,6 +165,23 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     seconds = [cols[label, s]["seconds per step"] for label in ("400 distinct, reckoning", "400 distinct, relative")
                for s in (falling, rising)]
     assert f"{seconds[0]} / {seconds[1]} s per step against {seconds[2]} / {seconds[3]} s" in text
+    one = [scores["400 distinct, one backward", s] for s in (falling, rising)]
+    one_seconds = [cols["400 distinct, one backward", s]["seconds per step"] for s in (falling, rising)]
+    assert (f"{one[0][0]:.1f}% / {one[1][0]:.1f}% (control set {one[0][1]:.1f}% / {one[1][1]:.1f}%), at "
+            f"{one_seconds[0]} / {one_seconds[1]} s per step") in text
+    assert all(o[0] < 5 for o in one)
+
+    def before_vs_after(name):  # the prediction made before the update against <grad Hbar_C, dtheta> after it
+        rows = [r for r in gen["_rows"](str(ROOT / "docs" / "data" / f"llm_control_big_{name}_metrics.jsonl"))
+                if "exact_predicted_entropy_change" in r]
+        return statistics.correlation([r["predicted_entropy_change"] for r in rows],
+                                      [r["exact_predicted_entropy_change"] for r in rows])
+
+    corr = [before_vs_after(n) for n in ("one", "one_rising", "reckon", "reckon_rising")]
+    assert (f"{corr[0]:.2f} / {corr[1]:.2f} over the runs (with the reference gradient: {corr[2]:.2f} / "
+            f"{corr[3]:.2f})") in text
+    assert f"correlated {corr[0]:.2f} / {corr[1]:.2f} over the falling and rising runs" in " ".join(
+        (ROOT / "docs" / "theory.md").read_text().split())
     second = cols["400 distinct, reckoning, seed 1", falling]
     held = second["held-out (probe) entropy vs schedule: RMS / mean |error|, % of range"].split("%")[0]
     gap = second["held-out minus control-set entropy at the same weights, first -> last probe (nats)"].split(" -> ")
@@ -176,6 +197,7 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"is off by {default[0]:.1f}% / {default[1]:.1f}% and vanilla GRPO by {vanilla[0]:.1f}%" in readme
     assert f"(`--control-reckoning`) keeps seed 0's tracking ({reckoned[0][0]:.1f}% / {reckoned[1][0]:.1f}%)" in readme
+    assert f"tracks within {one[0][0]:.1f}% / {one[1][0]:.1f}% (seed 0)" in readme
     held, train = (len(gen_drift["every_problem"](ArithmeticTask(0, 49), side)) for side in (True, False))
     assert f"2,500 problems, {held} held out and {train:,} to train on" in text
     falling_rows = gen["_rows"](str(ROOT / "docs" / "data" / "llm_control_big_falling_metrics.jsonl"))
@@ -511,6 +533,8 @@ def test_big_task_set_drift_quoted_in_the_guide_is_the_saved_one():
     ratio = [r["end_error_budget"]["probe minus held-out population"] / r["sets"]["probe"]["change_standard_error"]
              for r in (s0, s1)]
     assert abs(ratio[0]) < 1 < abs(ratio[1]) and f"({abs(ratio[1]):.1f} standard errors)" in text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"the 400-prompt probe {abs(ratio[1]):.1f} standard errors off the whole held-out population" in readme
     ends = [r["sets"]["held-out population"]["change"] - r["schedule_change"] for r in (s0, s1)]
     assert all(e < 0 for e in ends)
     assert (f"ended {abs(ends[0]):.3f} / {abs(ends[1]):.3f} nats below the schedule ({abs(ends[0]) / 0.2:.0%} / "
