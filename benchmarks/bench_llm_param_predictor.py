@@ -1,7 +1,9 @@
 """Cost of ``llm.train --predictor param`` (docs/theory.md §5.5) as a share of its training step.
 
-Six trainers of the same configuration, side by side in one process, steps interleaved (unfused, param, control,
-reckoning, one-backward, logit, unfused, ...; two warm-up steps each, then the timed ones):
+Six trainers of the same configuration, in two groups run one after the other, each in one process with its own
+``--predictor logit`` trainer and its steps interleaved (unfused, param, control, logit, unfused, ...; then
+reckoning, one-backward, logit, reckoning, ...; two warm-up steps each, then the timed ones). Six at once do not
+fit in 24 GiB: each holds a 135M model, AdamW's moments and the predictor's model-sized buffers.
 
 * ``--predictor param --no-fused-update --param-derivative fd`` (``unfused``): the parameter-space contributions
   before the update, as a separate phase: a forward and a backward for ``grad Hbar``, a second backward for
@@ -30,11 +32,12 @@ of each param trainer's step (``time_predictor / time_step``, the trainer's own 
 update's forward and whole-batch backward, done early for the update, to the update), and the extra time of
 each param step over the logit step as a share of the param step, ``(t_param - t_logit) / t_param``: what the
 parameter-space contributions cost, whatever phase pays it. Run:
-``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 10 minutes).
+``python -m pytest benchmarks/bench_llm_param_predictor.py --benchmark-only -q -s`` (about 20 minutes).
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 
 import pytest
@@ -47,7 +50,7 @@ WARMUP_STEPS, TIMED_STEPS = (1, 2) if SMOKE else (2, 8)
 CONTROL_GRADIENT_EVERY = 2 if SMOKE else 4  # divides TIMED_STEPS: every period timed whole
 
 
-def make_trainer(predictor: str, out_dir):
+def make_trainer(predictor: str, out_dir, extra: dict | None = None):
     from llm.config import PRESETS, TrainConfig
     from llm.train import Trainer
 
@@ -65,16 +68,39 @@ def make_trainer(predictor: str, out_dir):
                    schedule="linear:0.85->0.65",
                    steps=WARMUP_STEPS + TIMED_STEPS, eval_every=0, probe_every=0, checkpoint_every=0, plot=False,
                    progress=False, tensorboard=False, output_dir=str(out_dir))
+    # the group's task for every trainer, its control set for the param ones
+    options.update({k: v for k, v in (extra or {}).items() if predictor != "logit" or not k.startswith("control")})
     trainer = Trainer(TrainConfig(**options), out_dir)
     if trainer.cfg.adam_warm_start:
         trainer.warm_start_optimizer()
     return trainer
 
 
-def test_param_predictor_share_of_a_step(benchmark, tmp_path):
+LABELS = {
+    "unfused": "llm.train --predictor param --no-fused-update (central difference)",
+    "param": "llm.train --predictor param (fused update, one-sided difference)",
+    "control": f"llm.train --predictor param --control-prompts (fused, one-sided, gradient every "
+               f"{CONTROL_GRADIENT_EVERY} steps)",
+    "reckoning": f"llm.train --predictor param --control-prompts --control-reckoning (fused, one-sided, gradient "
+                 f"every {CONTROL_GRADIENT_EVERY} steps)",
+    "one-backward": f"llm.train --predictor param --control-prompts --control-reckoning --one-backward (one-sided, "
+                    f"gradient every {CONTROL_GRADIENT_EVERY} steps)",
+}
+# groups, each timed against its own interleaved logit trainer: six 135M trainers with AdamW and the
+# predictor's model-sized buffers do not fit in 24 GiB at once. "table-6": docs/llm.md table 6's task (addition
+# of 0-49) and control set (400 prompts x 1 response), whose refreshes cost more than the cpu-demo set's 32 x 2
+TABLE_6 = (dict(arith_high=4, control_prompts=8, control_samples=1) if SMOKE else
+           dict(arith_high=49, control_prompts=400, control_samples=1))
+GROUPS = {"whole-batch": (("unfused", "param", "control", "logit"), {}),
+          "reckoned": (("reckoning", "one-backward", "logit"), {}),
+          "table-6": (("one-backward", "logit"), TABLE_6)}
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_param_predictor_share_of_a_step(benchmark, tmp_path, group):
     threads = torch.get_num_threads()
-    names = ("unfused", "param", "control", "reckoning", "one-backward", "logit")
-    trainers = {name: make_trainer(name, tmp_path / name) for name in names}
+    names, extra = GROUPS[group]
+    trainers = {name: make_trainer(name, tmp_path / name, extra) for name in names}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
 
     def run() -> None:
@@ -86,18 +112,15 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
                     rows[name].append(row)
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    trainers.clear()  # the next group's trainers need the memory
+    gc.collect()
     step = {name: statistics.mean(r["time_step"] for r in rs) for name, rs in rows.items()}
-    predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name])
-                 for name in ("unfused", "param", "control", "reckoning", "one-backward")}
+    param_names = [name for name in names if name != "logit"]
+    predictor = {name: statistics.mean(r["time_predictor"] for r in rows[name]) for name in param_names}
     size = "cpu-demo (SmolLM2-135M fp32, 8x8 samples, <= 4 tokens)" if not SMOKE else "smoke model"
-    for name, label in (("unfused", "llm.train --predictor param --no-fused-update (central difference)"),
-                        ("param", "llm.train --predictor param (fused update, one-sided difference)"),
-                        ("control", "llm.train --predictor param --control-prompts (fused, one-sided, gradient "
-                                    f"every {CONTROL_GRADIENT_EVERY} steps)"),
-                        ("reckoning", "llm.train --predictor param --control-prompts --control-reckoning (fused, "
-                                      f"one-sided, gradient every {CONTROL_GRADIENT_EVERY} steps)"),
-                        ("one-backward", "llm.train --predictor param --control-prompts --control-reckoning "
-                                         f"--one-backward (one-sided, gradient every {CONTROL_GRADIENT_EVERY} steps)")):
+    for name in param_names:
+        label = LABELS[name] + (f", table 6's task and {extra['control_prompts']} x {extra['control_samples']} "
+                                f"control set" if extra else "")
         record_ratio(f"{label}: predictor / its step", predictor[name] / step[name],
                      "time of the predictor phase / the whole step (means)", size)
         record_ratio(f"{label}: extra over the logit step / its step", (step[name] - step["logit"]) / step[name],
@@ -105,8 +128,11 @@ def test_param_predictor_share_of_a_step(benchmark, tmp_path):
         record_ratio(f"{label} vs logit: whole step", step[name] / step["logit"],
                      "param step time / logit step time (means, interleaved)", size)
     benchmark.extra_info.update(step_s=step, predictor_s=predictor)
-    print(f"\nsteps (s): {step}; predictor phases (s): {predictor}")
-    assert all(r.get("predicted_entropy_change") is not None for r in rows["param"])
-    assert all("control_entropy" in r for r in rows["control"] + rows["reckoning"] + rows["one-backward"])
-    assert all("reckoned_entropy_change" in r for r in rows["reckoning"] + rows["one-backward"] if not r.get("skipped"))
+    print(f"\n{group}: steps (s): {step}; predictor phases (s): {predictor}")
+    if "param" in rows:
+        assert all(r.get("predicted_entropy_change") is not None for r in rows["param"])
+    controlled = [r for name in ("control", "reckoning", "one-backward") for r in rows.get(name, [])]
+    assert all("control_entropy" in r for r in controlled)
+    assert all("reckoned_entropy_change" in r for name in ("reckoning", "one-backward") for r in rows.get(name, [])
+               if not r.get("skipped"))
     assert all(0 < predictor[n] < step[n] for n in predictor)
