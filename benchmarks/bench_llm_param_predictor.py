@@ -1,9 +1,10 @@
 """Cost of ``llm.train --predictor param`` (docs/theory.md §5.5) as a share of its training step.
 
-Six trainers of the same configuration, in two groups run one after the other, each in one process with its own
-``--predictor logit`` trainer and its steps interleaved (unfused, param, control, logit, unfused, ...; then
-reckoning, one-backward, logit, reckoning, ...; two warm-up steps each, then the timed ones). Six at once do not
-fit in 24 GiB: each holds a 135M model, AdamW's moments and the predictor's model-sized buffers.
+Trainers of the same configuration in three groups run one after the other, each group in one process with its
+own ``--predictor logit`` trainer and its steps interleaved (unfused, param, control, logit, unfused, ...; then
+reckoning, one-backward, logit, reckoning, ...; then one-backward and logit on docs/llm.md table 6's task and
+control set; two warm-up steps each, then the timed ones). Six at once do not fit in 24 GiB: each holds a 135M
+model, AdamW's moments and the predictor's model-sized buffers.
 
 * ``--predictor param --no-fused-update --param-derivative fd`` (``unfused``): the parameter-space contributions
   before the update, as a separate phase: a forward and a backward for ``grad Hbar``, a second backward for
@@ -21,7 +22,10 @@ fit in 24 GiB: each holds a 135M model, AdamW's moments and the predictor's mode
   changes no step's cost): the update's forward runs before the selection and serves as the tangent's base, and
   the plan's loss is back-propagated through it once; AdamW's map holds ``vhat`` fixed, so there is no
   whole-batch gradient and no correction pass;
-* ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics.
+* ``--predictor logit``: the per-position contributions, which cost nothing beyond the token statistics;
+* the group ``table-6``: ``one-backward`` and ``logit`` on the addition of 0-49 (``--arith-high 49``) with a
+  control set of 400 prompts x 1 response, the configuration of docs/llm.md table 6, whose gradient refresh
+  (a forward and backward of the 400 prompts every 4 steps) costs several of the cpu-demo set's.
 
 Configuration: the ``cpu-demo`` preset (the embedded SmolLM2-135M in float32, 8 prompts x 8 samples, at most 4
 new tokens, AdamW) without evaluation, probe, checkpoints or figures; the smoke mode

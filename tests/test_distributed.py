@@ -58,11 +58,15 @@ DIFFERENCES = {"measured_entropy_change": 2e-6, "kl_old_new": 2e-6,
                # the sampler's calibrated prediction of its chosen prefix (same prefix: the decisions are compared
                # exactly)
                "batch_entropy_std": 1e-6, "estimate_gain": 1e-5, "entropy_estimate_std": 1e-6,
-               "calibrated_predicted_change": 2e-5,
+               "calibrated_predicted_change": 1e-4,
                # parameter-space predictions are inner products of float32 gradients whose terms cancel, and
                # torchrun's workers run one thread where the single process runs two (another summation order):
-               # a few ulp (float32) of their largest term, the ~0.2-nat drift
-               "predicted_entropy_change": 2e-6, "predicted_drift": 2e-6,
+               # a few ulp (float32) of their largest term, the ~0.2-nat drift. At step 0 AdamW's map divides
+               # by the reference gradient itself (no second moment yet), so elements whose gradient is rounding
+               # move by about lr * sign(rounding), a sign the summation order decides: on an AMD EPYC host the
+               # two runs' step-0 predictions differed by 3e-6 to 9.3e-6 nats (same selections, same weights),
+               # and the calibration carries that ratio into the later calibrated predictions (5.8e-5)
+               "predicted_entropy_change": 2e-5, "predicted_drift": 2e-6,
                # the same inner product after the step, and a measured entropy minus its sum (differences of ~2-nat
                # entropies, compared to their rounding)
                "reckoned_entropy_change": 2e-6, "control_reckoning_error": 2e-6}

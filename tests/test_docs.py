@@ -108,9 +108,17 @@ BIG_TASK_RUNS = [
 ]
 
 
+BIG800_RUNS = [
+    "800 distinct, seed 0|linear:H0->H0-0.2|{data}/llm_control_big800_one_metrics.jsonl",
+    "800 distinct, seed 1|linear:H0->H0-0.2|{data}/llm_control_big800_one_seed1_metrics.jsonl",
+    "800 distinct, seed 0|linear:H0->H0+0.15|{data}/llm_control_big800_one_rising_metrics.jsonl",
+    "800 distinct, seed 1|linear:H0->H0+0.15|{data}/llm_control_big800_one_rising_seed1_metrics.jsonl",
+]
+
+
 @pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS, RELATIVE_RUNS, DISTINCT128_RUNS,
-                                  BIG_TASK_RUNS],
-                         ids=["no-warmup", "warmup", "warm-start", "relative", "distinct128", "big-task"])
+                                  BIG_TASK_RUNS, BIG800_RUNS],
+                         ids=["no-warmup", "warmup", "warm-start", "relative", "distinct128", "big-task", "big800"])
 def test_control_table_is_regenerated_from_the_saved_metrics(runs):
     """docs/llm.md quotes the control tables that docs/gen_control_table.py makes from docs/data."""
     import runpy
@@ -206,6 +214,48 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
     both = f"tracks within {ours[0][0]:.1f}% falling and {ours[1][0]:.1f}% rising"
     for doc in ("README.md", "docs/theory.md"):
         assert both in " ".join((ROOT / doc).read_text().split()), doc
+
+
+def test_larger_sets_tracking_quoted_in_the_guide_is_the_saved_one():
+    """docs/llm.md's table-7 bullet and README quote the held-out and control-set tracking errors of the runs with
+    800 control prompts and the whole held-out split as the probe, their seconds per step and their prediction's
+    correlation with <grad H_C, dtheta>; and the claims hold for them: with both sets larger, three of the four
+    runs' held-out entropy is within the issue's 5% of the range over the whole run, seed 1's falling run (9.3%
+    with table 6's 400-prompt sets) among them, and the fourth's miss comes with its control set's own."""
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "docs" / "gen_control_table.py"))
+    text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    held, control, seconds = {}, {}, {}
+    for arg in BIG800_RUNS:
+        label, spec, rows = gen["_run"](arg.format(data=ROOT / "docs" / "data"))
+        col = gen["column"](rows, spec)
+        key = (label[-1], spec.endswith("+0.15"))  # (seed, rising)
+        held[key] = float(col["held-out (probe) entropy vs schedule: RMS / mean |error|, % of range"].split("%")[0])
+        control[key] = float(col["control-set entropy vs schedule: RMS, % of range"].rstrip("%"))
+        seconds[key] = col["seconds per step"]
+    order = [("0", False), ("1", False), ("0", True), ("1", True)]
+    quoted = ("held-out entropy within {:.1f}% / {:.1f}% falling (seeds 0 / 1) and {:.1f}% / {:.1f}% rising"
+              .format(*(held[k] for k in order)))
+    assert quoted in text, quoted
+    assert quoted in readme, quoted
+    assert "(control set {:.1f}% / {:.1f}% and {:.1f}% / {:.1f}%)".format(*(control[k] for k in order)) in text
+    assert "at {} / {} and {} / {} s per step".format(*(seconds[k] for k in order)) in text
+    # the claims: three of four within 5% (seed 1's falling run among them, 9.3% in table 6); the fourth misses
+    # because its control set itself lagged the schedule (the controller's own miss, not the sets')
+    assert all(held[k] < 5 for k in order[:3]) and held[order[3]] > 5
+    assert control[order[3]] > 3 * max(control[k] for k in order[:3])
+
+    def before_vs_after(name):
+        rows = [r for r in gen["_rows"](str(ROOT / "docs" / "data" / f"llm_control_{name}_metrics.jsonl"))
+                if "exact_predicted_entropy_change" in r]
+        return statistics.correlation([r["predicted_entropy_change"] for r in rows],
+                                      [r["exact_predicted_entropy_change"] for r in rows])
+
+    corr = [before_vs_after(n) for n in ("big800_one", "big800_one_seed1", "big800_one_rising",
+                                         "big800_one_rising_seed1")]
+    assert "`<grad Hbar_C, dtheta>` {:.2f} / {:.2f} falling and {:.2f} / {:.2f} rising".format(*corr) in text
 
 
 def test_tracking_error_of_a_run_on_its_schedule_is_zero():
