@@ -116,6 +116,15 @@ BIG800_RUNS = [
 ]
 
 
+def before_vs_after(gen: dict, name: str) -> float:
+    """Correlation of a saved run's prediction made before each update with ``<grad Hbar_C, dtheta>`` after it
+    (docs/data/llm_control_{name}_metrics.jsonl; ``gen``: docs/gen_control_table.py's namespace)."""
+    rows = [r for r in gen["_rows"](str(ROOT / "docs" / "data" / f"llm_control_{name}_metrics.jsonl"))
+            if "exact_predicted_entropy_change" in r]
+    return statistics.correlation([r["predicted_entropy_change"] for r in rows],
+                                  [r["exact_predicted_entropy_change"] for r in rows])
+
+
 @pytest.mark.parametrize("runs", [CONTROL_RUNS, WARMUP_RUNS, WARMSTART_RUNS, RELATIVE_RUNS, DISTINCT128_RUNS,
                                   BIG_TASK_RUNS, BIG800_RUNS],
                          ids=["no-warmup", "warmup", "warm-start", "relative", "distinct128", "big-task", "big800"])
@@ -179,13 +188,7 @@ def test_big_task_tracking_quoted_in_the_guide_is_the_saved_one():
             f"{one_seconds[0]} / {one_seconds[1]} s per step") in text
     assert all(o[0] < 5 for o in one)
 
-    def before_vs_after(name):  # the prediction made before the update against <grad Hbar_C, dtheta> after it
-        rows = [r for r in gen["_rows"](str(ROOT / "docs" / "data" / f"llm_control_big_{name}_metrics.jsonl"))
-                if "exact_predicted_entropy_change" in r]
-        return statistics.correlation([r["predicted_entropy_change"] for r in rows],
-                                      [r["exact_predicted_entropy_change"] for r in rows])
-
-    corr = [before_vs_after(n) for n in ("one", "one_rising", "reckon", "reckon_rising")]
+    corr = [before_vs_after(gen, f"big_{n}") for n in ("one", "one_rising", "reckon", "reckon_rising")]
     assert (f"{corr[0]:.2f} / {corr[1]:.2f} over the runs (with the reference gradient: {corr[2]:.2f} / "
             f"{corr[3]:.2f})") in text
     assert f"correlated {corr[0]:.2f} / {corr[1]:.2f} over the falling and rising runs" in " ".join(
@@ -247,14 +250,8 @@ def test_larger_sets_tracking_quoted_in_the_guide_is_the_saved_one():
     assert all(held[k] < 5 for k in order[:3]) and held[order[3]] > 5
     assert control[order[3]] > 3 * max(control[k] for k in order[:3])
 
-    def before_vs_after(name):
-        rows = [r for r in gen["_rows"](str(ROOT / "docs" / "data" / f"llm_control_{name}_metrics.jsonl"))
-                if "exact_predicted_entropy_change" in r]
-        return statistics.correlation([r["predicted_entropy_change"] for r in rows],
-                                      [r["exact_predicted_entropy_change"] for r in rows])
-
-    corr = [before_vs_after(n) for n in ("big800_one", "big800_one_seed1", "big800_one_rising",
-                                         "big800_one_rising_seed1")]
+    corr = [before_vs_after(gen, n) for n in ("big800_one", "big800_one_seed1", "big800_one_rising",
+                                              "big800_one_rising_seed1")]
     assert "`<grad Hbar_C, dtheta>` {:.2f} / {:.2f} falling and {:.2f} / {:.2f} rising".format(*corr) in text
 
 
