@@ -290,7 +290,12 @@ class FirstOrder:
         if self.sharded:
             (h_part * self.loss_scale).backward()
             return
-        for acc, g in zip(self.grad, torch.autograd.grad(h_part, self.params, retain_graph=True, allow_unused=True)):
+        grads = torch.autograd.grad(h_part, self.params, retain_graph=True, allow_unused=True)
+        if self._grad is None:  # the first micro-batch's gradients are the sum so far: no zeroed buffer to add to
+            self._grad = [torch.zeros_like(local_tensor(p.detach())) if g is None else g
+                          for p, g in zip(self.params, grads)]
+            return
+        for acc, g in zip(self._grad, grads):
             if g is not None:
                 acc += g
 
@@ -322,7 +327,8 @@ class FirstOrder:
 @dataclass
 class ParamDirection:
     """What the parameter-space predictor knows before the update (docs/theory.md §5): ``directional``
-    ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step, ``drift``
+    ``[B, T]`` (global) ``s_t = <G grad Hbar, grad log pi(y_t)>`` of the coming optimiser step (taken on the
+    rows with a non-zero advantage, ``computed``, and zero elsewhere until a plan trains on one), ``drift``
     the sample-independent ``<grad Hbar, drift_step>`` (AdamW momentum and weight decay), the
     entropy gradient (reused for the exact first-order term after the update), ``clip_factor``, the
     expected scale of the coming gradient by gradient clipping (included in ``directional``), and with a
@@ -347,6 +353,9 @@ class ParamDirection:
     update_seconds: float = 0.0
     fused: bool = False  # the update took them (set by Trainer._update)
     graphs: list[torch.Tensor] | None = None  # --one-backward: the update's logits per micro-batch, with graph
+    computed: torch.Tensor | None = None  # [B] global: the rows whose s_t was taken (those with a non-zero advantage)
+    direction: tuple[torch.Tensor, ...] | None = None  # G grad Hbar (the predictor's buffers, valid until the update)
+    step_h: float = 0.0  # the finite difference's step along it
 
 
 @dataclass
@@ -952,16 +961,52 @@ class Trainer:
         method = cfg.param_derivative
         change = PARAM_FORWARD_CHANGE if method == "forward" else PARAM_FD_CHANGE
         h = change / curvature if curvature > 0 else 0.0
+        # only rows with a non-zero advantage: a token's share of the step's change is A_t s_t / N, so the plan
+        # weighs no other row's s_t (a plan that trains on one anyway gets it in _complete_directional)
+        live = (adv != 0).any(-1)
         s = torch.zeros(B, T, device=self.device)
         for rows, z in zip(chunks, centre):
-            tangent = logit_directional_derivative(
-                lambda ps, r=rows: self._functional_logits(ps, batch, r), self.params, direction, method,
-                h if method != "jvp" else None, base=z if method == "forward" else None,
-                workspace=self._buffers("displaced") if method != "jvp" else None)
-            tokens = batch.roll.tokens[rows]
-            s[rows] = torch.where(local_mask[rows], log_prob_tangent(z, tangent, tokens).float(), 0.0)
+            keep = live[rows]
+            if bool(keep.any()):
+                s[rows[keep]] = self._directional_rows(batch, rows[keep], direction, h, z[keep])
         return ParamDirection(d.gather_rows(s), drift, first_order, clip, control, reckoning_error, whole, before,
-                              t_update, graphs=graphs)
+                              t_update, graphs=graphs, computed=d.gather_rows(live), direction=direction, step_h=h)
+
+    def _directional_rows(self, batch: Batch, rows: torch.Tensor, direction, h: float,
+                          base: torch.Tensor | None) -> torch.Tensor:
+        """``s_t`` ``[len(rows), T]`` of this rank's ``rows`` along ``direction`` (``G grad Hbar``), zero at
+        padding: the directional derivative of each token's log-prob (``--param-derivative``; ``base``, the
+        rows' logits at the current weights, is the one-sided difference's base; None: a no-grad forward)."""
+        method = self.cfg.param_derivative
+        if method == "forward" and base is None:
+            with torch.no_grad():
+                base = self._plain_logits(self.model, batch, rows)
+        tangent = logit_directional_derivative(
+            lambda ps: self._functional_logits(ps, batch, rows), self.params, direction, method,
+            h if method != "jvp" else None, base=base if method == "forward" else None,
+            workspace=self._buffers("displaced") if method != "jvp" else None)
+        if base is None:  # fd and jvp: the log-prob tangent needs the policy at the current weights
+            with torch.no_grad():
+                base = self._plain_logits(self.model, batch, rows)
+        tokens = batch.roll.tokens[rows]
+        return torch.where(batch.local_mask[rows], log_prob_tangent(base, tangent, tokens).float(), 0.0)
+
+    def _complete_directional(self, batch: Batch, advantages: torch.Tensor) -> None:
+        """``s_t`` of the rows a plan trains on (non-zero ``advantages`` ``[B, T]``, global) that the predictor
+        skipped for their zero advantage (e.g. a method that weighs raw rewards), before the update: the
+        weights are still those the direction was taken at. Every rank enters (the plan is global)."""
+        param = batch.param
+        needed = (advantages != 0).any(-1) & ~param.computed
+        if not bool(needed.any()):
+            return
+        B, T = batch.local_mask.shape
+        rows = torch.arange(B, device=self.device)[needed[batch.rows]]
+        s = torch.zeros(B, T, device=self.device)
+        self.model.eval()
+        for chunk in rows.split(self.cfg.micro_batch_size):
+            s[chunk] = self._directional_rows(batch, chunk, param.direction, param.step_h, None)
+        param.directional = param.directional + self.dist.gather_rows(s)
+        param.computed = param.computed | needed
 
     def _buffers(self, name: str) -> list[torch.Tensor]:
         """Model-sized scratch tensors of the parameter-space predictor (``start``: the weights before the
@@ -1027,6 +1072,7 @@ class Trainer:
         if batch.param is None:
             return _Planned(plan, entropy, lr_now, extra, logit_pred, None)
         # parameter space (eq. 5.3): drift + sum_t (A_t / N_m) s_t
+        self._complete_directional(batch, plan.advantages)
         param_pred = drift + float((plan.advantages * batch.param.directional * scale / n_tok).sum())
         return _Planned(plan, entropy, lr_now, extra, param_pred, logit_pred)
 

@@ -154,6 +154,42 @@ def test_param_predictor_equals_the_first_order_change_of_an_sgd_step(tmp_path, 
         assert all("control_entropy" not in r for r in rows)
 
 
+def test_param_predictor_takes_s_only_where_a_plan_can_weigh_it(tmp_path, monkeypatch):
+    """The predictor takes s_t only on rows with a non-zero advantage (the others' A_t s_t is zero); a plan that
+    trains on a zero-advantage row anyway (NSR on the raw rewards: an all-wrong group has advantage 0 and
+    reward -1) gets those rows' s_t before the update, so the prediction is still <grad Hbar, dtheta> of the
+    SGD step taken. Without the completion the rows' terms would be missing from the prediction."""
+    cfg = TrainConfig(model="smoke", arith_high=4, fewshot=2, prompts_per_step=4, samples_per_prompt=8,
+                      max_new_tokens=2, micro_batch_size=16, optimizer="sgd", lr=0.05, grad_clip=0.0, method="nsr",
+                      method_options={"source": "rewards"}, predictor="param", param_derivative="jvp",
+                      eval_prompts=0, plot=False, progress=False, tensorboard=False)
+    trainer = Trainer(cfg, tmp_path)
+    taken, completed = [], []
+    rows_fn, complete_fn = trainer._directional_rows, trainer._complete_directional
+
+    def counting_rows(batch, rows, *args):
+        taken.append(len(rows))
+        return rows_fn(batch, rows, *args)
+
+    def counting_complete(batch, advantages):
+        before = int(batch.param.computed.sum())
+        complete_fn(batch, advantages)
+        completed.append((before, int(batch.param.computed.sum()), batch))
+
+    monkeypatch.setattr(trainer, "_directional_rows", counting_rows)
+    monkeypatch.setattr(trainer, "_complete_directional", counting_complete)
+    rows = [trainer.train_step(t) for t in range(3)]
+    trained = [r for r in rows if not r.get("skipped")]
+    assert trained
+    skipped_rows = [(before, after, b) for before, after, b in completed if after > before]
+    assert skipped_rows, "no step had a zero-advantage row that NSR trained on: the test shows nothing"
+    for before, _, b in completed:  # the first pass took exactly the rows with a non-zero advantage
+        assert before == int((b.advantages != 0).any(-1).sum())
+    assert sum(taken) == sum(after for _, after, _ in completed)  # and the completion only the rows trained on
+    for r in trained:
+        assert r["predicted_entropy_change"] == pytest.approx(r["exact_predicted_entropy_change"], rel=1e-5)
+
+
 @pytest.mark.parametrize("lr", [1e-3, 5e-4])
 def test_control_set_first_order_change_matches_its_measured_change(tmp_path, lr):
     """The control set's entropy gradient is that of the value the trainer measures: after a small SGD step,
