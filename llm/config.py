@@ -99,6 +99,11 @@ class TrainConfig:
         False, "between the control set's gradient refreshes, advance its entropy after each update by the "
         "first-order change of the step taken, <grad Hbar, dtheta>, instead of measuring it (a forward of the set "
         "per step saved); the refresh measures it and logs control_reckoning_error")
+    clip_corrected_calibration: bool = _opt(
+        False, "param predictor with gradient clipping: calibrate the sampler on the step's sample-dependent change "
+        "rescaled by the predicted over the realised clip factor (known after the update), so that a mispredicted "
+        "clip (e.g. --one-backward's, the last step's) does not move the calibration (one optimiser step per "
+        "training step)")
     momentum_projection: bool = _opt(
         False, "param predictor: aim the entropy the optimiser's momentum will carry the policy to (now and in the "
         "coming steps) at the schedule that many steps ahead, instead of the next step's entropy at the next "
@@ -226,6 +231,12 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.control_reckoning and not (cfg.control_prompts and cfg.measure_entropy_change):
         raise UserError("--control-reckoning advances the control set's entropy by each update's first-order "
                         "change: it needs --control-prompts and --measure-entropy-change")
+    if cfg.clip_corrected_calibration and (cfg.predictor != "param" or cfg.grad_clip <= 0 or cfg.ppo_epochs > 1
+                                           or cfg.mini_batches > 1):
+        raise UserError(f"--clip-corrected-calibration rescales the parameter-space prediction's clip factor of one "
+                        f"optimiser step: it needs --predictor param, --grad-clip > 0, --ppo-epochs 1 and "
+                        f"--mini-batches 1 (got {cfg.predictor!r}, {cfg.grad_clip}, {cfg.ppo_epochs}, "
+                        f"{cfg.mini_batches})")
     if cfg.momentum_projection and (cfg.predictor != "param" or cfg.method != "entrocraft-predictive"):
         raise UserError(f"--momentum-projection projects the parameter-space prediction for the predictive "
                         f"sampler: it needs --predictor param and --method entrocraft-predictive (got "

@@ -1346,18 +1346,32 @@ class Trainer:
         out = {"kl_old_new": kl_old_new}
         control = batch.param.control_entropy if batch.param is not None else None
         drift = batch.param.drift if batch.param is not None else 0.0
+        rescale = self._clip_rescale(batch, updated, out)
         if control is not None:
             out["measured_batch_entropy_change"] = measured
             if self.cfg.control_reckoning:
                 change = updated.metrics["exact_predicted_entropy_change"]
                 self.control_value, self.control_reckoned = control + change, True
-                self.method.observe(change - drift)
+                self.method.observe((change - drift) * rescale)
                 return {**out, "reckoned_entropy_change": change}
             self.control_value = self.fixed_set_entropy(self.control_set)
             measured = self.control_value - control
         # the sampler is calibrated on the sample-dependent part: the known drift is taken off (see _plan)
-        self.method.observe(measured - drift)
+        self.method.observe((measured - drift) * rescale)
         return {**out, "measured_entropy_change": measured}
+
+    def _clip_rescale(self, batch: Batch, updated: _Updated, out: dict[str, float]) -> float:
+        """``--clip-corrected-calibration``: ``c_pred / c_real``, the clip factor the prediction assumed over
+        the one the update applied, ``min(1, grad_clip / ||g||)`` (its gradient norm before clipping; logged as
+        ``realised_clip_factor``). The sample-dependent part of the step is linear in the clip factor (AdamW's
+        map with ``vhat`` held fixed, docs/theory.md §5.2c), so the measured part times this ratio is what the
+        step would have done with the predicted clip: the calibration then fits what the first-order
+        prediction misses, not how far the coming gradient's norm was from its estimate. 1 otherwise."""
+        if not self.cfg.clip_corrected_calibration or batch.param is None:
+            return 1.0
+        realised = min(1.0, self.cfg.grad_clip / (updated.metrics["grad_norm"] + CLIP_NORM_EPS))
+        out["realised_clip_factor"] = realised
+        return batch.param.clip_factor / realised
 
     def _advance_estimate(self, change: float) -> None:
         """Process step of the entropy estimate: the policy moved by the last update's change."""

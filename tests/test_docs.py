@@ -255,6 +255,61 @@ def test_larger_sets_tracking_quoted_in_the_guide_is_the_saved_one():
     assert "`<grad Hbar_C, dtheta>` {:.2f} / {:.2f} falling and {:.2f} / {:.2f} rising".format(*corr) in text
 
 
+def test_rising_seed1_lag_diagnosis_quoted_in_the_guide_is_the_saved_one():
+    """docs/llm.md's account of table 7's rising seed-1 lag: each number it quotes is read back from the saved
+    metrics (the runs clipped at norm 1, llm.train's default): the step-4 clip factor expected from step 3's norm
+    against the one applied, the calibration factor's fall and ranges, the step-5 and steps 6-9 numbers, and how
+    often the one-backward clip factor was off by 2x or more on each rising run."""
+    import json
+
+    text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
+
+    def rows(name):
+        return [json.loads(line) for line in (ROOT / "docs" / "data" / f"llm_control_{name}_metrics.jsonl").open()]
+
+    def applied(r):
+        return min(1.0, 1.0 / (r["grad_norm"] + 1e-6))
+
+    s1, s0 = rows("big800_one_rising_seed1"), rows("big800_one_rising")
+    r3, r4, r5 = s1[3], s1[4], s1[5]
+    assert f"taken from step 3's gradient norm ({r3['grad_norm']:.2f}, one group with signal), was 1" in text
+    assert r3["signal_fraction"] == 1 / 8 and r4["predicted_clip_factor"] == pytest.approx(applied(r3))
+    assert applied(r3) == 1.0
+    assert f"The update's norm was {r4['grad_norm']:.2f}, so the clip applied {applied(r4):.2f}." in text
+    assert (f"The plan expected {r4['calibrated_predicted_change']:+.3f} nats (calibrated) and the set rose "
+            f"{r4['reckoned_entropy_change']:.3f}.") in text
+    assert (r4["calibrated_predicted_change"] / r4["reckoned_entropy_change"]) == pytest.approx(3.6, abs=0.05)
+    band1 = [r["calibration_factor"] for r in s1[5:17]]
+    band0 = [r["calibration_factor"] for r in s0[5:17]]
+    assert (f"Its factor fell from {r4['calibration_factor']:.2f} to {r5['calibration_factor']:.2f} and stayed at "
+            f"{min(band1):.2f}-{max(band1):.2f} up to step 16; seed 0's stayed at {min(band0):.2f}-{max(band0):.2f}"
+            ) in text
+    # target_entropy is the target of the step after the update
+    ahead = r5["control_entropy"] - r5["target_entropy"]
+    assert f"had already reached the next step's target ({ahead:+.4f} nats)" in text
+    assert round(r5["predicted_drift"], 3) == 0.006 and round(r5["desired_change"], 3) == -0.006
+    assert round(r5["reckoned_entropy_change"], 3) == -0.006
+    steps = s1[6:10]
+    assert steps[0].get("skipped") and steps[0]["signal_fraction"] == 0
+    assert steps[2]["signal_fraction"] == steps[3]["signal_fraction"] == 1 / 8
+    assert (f"expected at {steps[1]['predicted_clip_factor']:.2f} and applied at {applied(steps[1]):.2f}") in text
+    planned = [r["calibrated_predicted_change"] for r in steps]
+    asked = [r["desired_change"] for r in steps]
+    moved = [r["reckoned_entropy_change"] for r in steps[1:]]
+    assert (f"The plans expected {min(planned):+.3f} to {max(planned):+.3f} nats, short of the "
+            f"{min(asked):.3f}-{max(asked):.3f} asked, and the set moved {min(moved):+.4f} to {max(moved):+.4f}"
+            ) in text
+    assert all(p < a for p, a in zip(planned, asked))
+
+    def off(run):
+        trained = [r for r in run if r.get("grad_norm")]
+        ratios = [r["predicted_clip_factor"] / applied(r) for r in trained]
+        return sum(x >= 2 or x <= 0.5 for x in ratios), len(trained)
+
+    assert "off by a factor of 2 or more at {} of {} trained steps ({} of {} on seed 0's rising run)".format(
+        *off(s1), *off(s0)) in text
+
+
 def test_tracking_error_of_a_run_on_its_schedule_is_zero():
     """The tracking error is computed against the schedule at the step the probe saw: a probe that equals
     the schedule scores 0, one offset by a constant scores that constant as bias with zero spread."""

@@ -394,6 +394,42 @@ def test_one_backward_clip_factor_is_the_last_gradient_norms(tmp_path):
     assert len({r["predicted_clip_factor"] for r in rows}) > 1
 
 
+@pytest.mark.parametrize("reckoning", [False, True])
+def test_clip_corrected_calibration_feeds_the_sample_part_at_the_predicted_clip(tmp_path, monkeypatch, reckoning):
+    """--clip-corrected-calibration: the sampler observes the step's sample-dependent change (measured, or with
+    --control-reckoning reckoned, minus the known drift) times predicted / realised clip factor, the realised one
+    min(1, clip / the update's gradient norm); without the option it observes the change minus the drift."""
+    observed = {True: [], False: []}
+    runs = {}
+    for corrected in (True, False):
+        cfg = TrainConfig(**{**PRESETS["smoke"], "eval_prompts": 0, "predictor": "param", "control_prompts": 3,
+                             "adam_warm_start": 2, "grad_clip": 0.05, "one_backward": True, "seed": 2,
+                             "control_reckoning": reckoning, "clip_corrected_calibration": corrected})
+        trainer = Trainer(cfg, Path(tmp_path) / str(corrected))
+        trainer.warm_start_optimizer()
+        monkeypatch.setattr(trainer.method, "observe", observed[corrected].append)
+        runs[corrected] = [trainer.train_step(t) for t in range(3)]
+    change = "reckoned_entropy_change" if reckoning else "measured_entropy_change"
+    trained = [r for r in runs[True] if not r.get("skipped")]
+    assert len(trained) == len(observed[True]) >= 2
+    ratios = []
+    for r, seen in zip(trained, observed[True]):
+        realised = min(1.0, 0.05 / (r["grad_norm"] + 1e-6))
+        assert r["realised_clip_factor"] == pytest.approx(realised, rel=1e-9)
+        ratios.append(r["predicted_clip_factor"] / realised)
+        assert seen == pytest.approx((r[change] - r["predicted_drift"]) * ratios[-1], rel=1e-9, abs=1e-15)
+    assert max(abs(x - 1) for x in ratios) > 0.05  # the clip was mispredicted, so the correction acted
+    for r, seen in zip([r for r in runs[False] if not r.get("skipped")], observed[False]):
+        assert "realised_clip_factor" not in r
+        assert seen == pytest.approx(r[change] - r["predicted_drift"], rel=1e-9, abs=1e-15)
+
+
+def test_clip_corrected_calibration_needs_a_clip_and_one_optimiser_step():
+    for options in ({"grad_clip": 0.0}, {"ppo_epochs": 2}, {"predictor": "logit"}):
+        with pytest.raises(UserError, match="--clip-corrected-calibration"):
+            TrainConfig(**{**PRESETS["smoke"], "predictor": "param", "clip_corrected_calibration": True, **options})
+
+
 @pytest.mark.parametrize("options, message", [
     ({"control_prompts": 0}, "--control-prompts"),
     ({"adam_warm_start": 0}, "--adam-warm-start"),
