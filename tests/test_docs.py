@@ -116,6 +116,8 @@ BIG800_RUNS = [
 ]
 
 BIG800CC_RUNS = [
+    "clip-corrected, seed 0|linear:H0->H0-0.2|{data}/llm_control_big800cc_metrics.jsonl",
+    "clip-corrected, seed 1|linear:H0->H0-0.2|{data}/llm_control_big800cc_seed1_metrics.jsonl",
     "clip-corrected, seed 0|linear:H0->H0+0.15|{data}/llm_control_big800cc_rising_metrics.jsonl",
     "clip-corrected, seed 1|linear:H0->H0+0.15|{data}/llm_control_big800cc_rising_seed1_metrics.jsonl",
 ]
@@ -328,7 +330,7 @@ def test_clip_corrected_rising_runs_quoted_in_the_guide_are_the_saved_ones():
     text = " ".join((ROOT / "docs" / "llm.md").read_text().split())
     data = ROOT / "docs" / "data"
     held, held10, control, factors, seconds = {}, {}, {}, {}, {}
-    for new, old in zip(BIG800CC_RUNS, BIG800_RUNS[2:]):
+    for new, old in zip(BIG800CC_RUNS[2:], BIG800_RUNS[2:]):
         for key, arg in (("new", new), ("old", old)):
             label, spec, rows = gen["_run"](arg.format(data=data))
             col = gen["column"](rows, spec)
@@ -348,6 +350,28 @@ def test_clip_corrected_rising_runs_quoted_in_the_guide_are_the_saved_ones():
         assert "against {:.1f}% / {:.1f}%".format(values["old", "0"], values["old", "1"]) in text
         assert all(values["new", k] < values["old", k] for k in "01")
     assert held["new", "1"] > 5  # still a miss
+    falling = {}
+    for arg in BIG800CC_RUNS[:2] + BIG800_RUNS[:2]:
+        label, spec, rows = gen["_run"](arg.format(data=data))
+        col = gen["column"](rows, spec)
+        cfs = [r["calibration_factor"] for r in rows if "control_entropy" in r][1:]
+        falling[label[0], label[-1]] = (
+            float(col["held-out (probe) entropy vs schedule: RMS / mean |error|, % of range"].split("%")[0]),
+            float(col["control-set entropy vs schedule: RMS, % of range"].rstrip("%")), min(cfs), max(cfs),
+            col["held-out minus control-set entropy at the same weights, first -> last probe (nats)"],
+            col["seconds per step"])
+    new0, new1, old0, old1 = (falling[k] for k in (("c", "0"), ("c", "1"), ("8", "0"), ("8", "1")))
+    quoted = [f"{x[0]:.1f}%" for x in (new0, new1, old0, old1)]
+    assert "keeps both runs within the target: {} / {}, against {} / {} in table 7".format(*quoted) in text
+    assert new0[0] < 5 and new1[0] < 5
+    sets = [f"{x[1]:.1f}%" for x in (new0, new1, old0, old1)]
+    assert "track within {} / {} (table 7: {} / {})".format(*sets) in text
+    assert ("at {:.2f}-{:.2f} / {:.2f}-{:.2f} after the first step (table 7: {:.2f}-{:.2f} / {:.2f}-{:.2f})"
+            .format(*new0[2:4], *new1[2:4], *old0[2:4], *old1[2:4])) in text
+    first, last = new1[4].split(" -> ")
+    assert f"went from {float(first):.3f} to {float(last):.3f} nats" in text
+    assert new1[1] < old1[1] and new1[0] > old1[0]  # the set tracked closer, the held-out entropy did not
+    assert f"at {new0[5]} / {new1[5]} s per step" in text
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "the rising runs track within {:.1f}% / {:.1f}%".format(held["new", "0"], held["new", "1"]) in readme
     assert ("stays at {:.2f}-{:.2f} / {:.2f}-{:.2f} after the first step. In table 7 it swung over "
