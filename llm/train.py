@@ -978,16 +978,13 @@ class Trainer:
         padding: the directional derivative of each token's log-prob (``--param-derivative``; ``base``, the
         rows' logits at the current weights, is the one-sided difference's base; None: a no-grad forward)."""
         method = self.cfg.param_derivative
-        if method == "forward" and base is None:
+        if base is None:  # the log-prob tangent (and the one-sided difference) need the policy at these weights
             with torch.no_grad():
                 base = self._plain_logits(self.model, batch, rows)
         tangent = logit_directional_derivative(
             lambda ps: self._functional_logits(ps, batch, rows), self.params, direction, method,
             h if method != "jvp" else None, base=base if method == "forward" else None,
             workspace=self._buffers("displaced") if method != "jvp" else None)
-        if base is None:  # fd and jvp: the log-prob tangent needs the policy at the current weights
-            with torch.no_grad():
-                base = self._plain_logits(self.model, batch, rows)
         tokens = batch.roll.tokens[rows]
         return torch.where(batch.local_mask[rows], log_prob_tangent(base, tangent, tokens).float(), 0.0)
 
@@ -1022,7 +1019,7 @@ class Trainer:
         the coming gradient is not known before the selection (docs/theory.md §5.5b)."""
         if self.cfg.grad_clip <= 0 or self.last_grad_norm is None:
             return 1.0
-        return min(1.0, self.cfg.grad_clip / (self.last_grad_norm + CLIP_NORM_EPS))
+        return self._clip_factor(self.last_grad_norm)
 
     def _expected_clip_factor(self, reference: list[torch.Tensor]) -> float:
         """``min(1, grad_clip / ||g0||)`` for the expected gradient ``g0`` of the selection: the factor by which
@@ -1030,6 +1027,10 @@ class Trainer:
         if self.cfg.grad_clip <= 0:
             return 1.0
         norm = math.sqrt(float(first_order_entropy_change(reference, reference)))  # <g0, g0>, summed in float64
+        return self._clip_factor(norm)
+
+    def _clip_factor(self, norm: float) -> float:
+        """``min(1, grad_clip / ||g||)``: the factor by which the clip scales a gradient of norm ``norm``."""
         return min(1.0, self.cfg.grad_clip / (norm + CLIP_NORM_EPS))
 
     # ---------------------------------------------------------- 2. plan
@@ -1369,7 +1370,7 @@ class Trainer:
         prediction misses, not how far the coming gradient's norm was from its estimate. 1 otherwise."""
         if not self.cfg.clip_corrected_calibration or batch.param is None:
             return 1.0
-        realised = min(1.0, self.cfg.grad_clip / (updated.metrics["grad_norm"] + CLIP_NORM_EPS))
+        realised = self._clip_factor(updated.metrics["grad_norm"])
         out["realised_clip_factor"] = realised
         return batch.param.clip_factor / realised
 
